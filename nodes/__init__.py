@@ -1,0 +1,21 @@
+"""ComfyUI nodes of the pack: the only layer that imports ComfyUI (``comfy``, ``comfy_api``, ...).
+
+The one list of nodes lives in :class:`FlowDPSExtension`. Node ids are stable API: saved workflows
+refer to them, so an id never changes once shipped.
+"""
+
+from __future__ import annotations
+
+from comfy_api.latest import ComfyExtension, io
+
+from .info import FlowDPSInfo
+
+
+class FlowDPSExtension(ComfyExtension):
+    """Registers every node of the pack with ComfyUI."""
+
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return [FlowDPSInfo]
+
+
+__all__ = ["FlowDPSExtension"]

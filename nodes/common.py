@@ -1,0 +1,7 @@
+"""Names shared by all nodes: categories and the node-id prefix."""
+
+CATEGORY_ROOT = "FlowDPS"
+CATEGORY_OPERATORS = "FlowDPS/operators"
+CATEGORY_MEASUREMENT = "FlowDPS/measurement"
+CATEGORY_SAMPLERS = "sampling/custom_sampling/samplers"
+NODE_ID_PREFIXES = ("FlowDPS", "FlowChef", "AFDPS")

@@ -1,0 +1,1 @@
+"""Posterior samplers over a denoiser callable (pure PyTorch, no ComfyUI import)."""

@@ -1,0 +1,128 @@
+"""The pack's packaging contract, checked without ComfyUI: cheap import, V3-only registration,
+pyproject metadata, and the import boundary that keeps operators/ and samplers/ ComfyUI-free."""
+
+from __future__ import annotations
+
+import ast
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import tomllib
+
+ROOT = Path(__file__).resolve().parents[1]
+PACK_DIRS = ("nodes", "operators", "samplers")
+
+
+def pyproject() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def test_root_import_is_cheap_and_side_effect_free(tmp_path):
+    # Import the root __init__ the way ComfyUI does (spec_from_file_location on the folder) in a clean
+    # interpreter, and check that nothing heavy was imported and nothing was registered or printed.
+    script = textwrap.dedent(f"""
+        import importlib.util, json, sys
+        spec = importlib.util.spec_from_file_location("pack_under_test", {str(ROOT / "__init__.py")!r},
+                                                      submodule_search_locations=[{str(ROOT)!r}])
+        m = importlib.util.module_from_spec(spec); sys.modules["pack_under_test"] = m; spec.loader.exec_module(m)
+        heavy = sorted(k for k in sys.modules if k.split(".")[0] in ("torch", "comfy", "comfy_api", "numpy", "nodes"))
+        print(json.dumps({{"heavy": heavy, "attrs": sorted(vars(m)), "sub": sorted(k for k in sys.modules if k.startswith("pack_under_test."))}}))
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=tmp_path)
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report["heavy"] == []
+    assert report["sub"] == [], "importing the pack must not import its sub-packages"
+    assert "comfy_entrypoint" in report["attrs"]
+    assert "NODE_CLASS_MAPPINGS" not in report["attrs"], "V1 mappings would make ComfyUI ignore comfy_entrypoint"
+    assert out.stderr == ""
+
+
+def test_version_matches_pyproject():
+    import flowdps
+
+    assert flowdps.__version__ == pyproject()["project"]["version"]
+
+
+def test_pyproject_metadata():
+    meta = pyproject()
+    project, comfy = meta["project"], meta["tool"]["comfy"]
+    assert project["name"] == "comfyui-flowdps"
+    assert project["license"] == {"text": "GPL-3.0-or-later"}
+    assert project["requires-python"] == ">=3.10"
+    deps = [d.split("[")[0].split("=")[0].split(">")[0].split("<")[0].strip().lower() for d in project["dependencies"]]
+    assert not {"torch", "torchvision", "torchaudio"} & set(deps), "never list torch: pip would replace a CUDA build"
+    assert {"pytest", "hypothesis", "ruff", "diffusers"} <= set(project["optional-dependencies"]["test"])
+    assert comfy["PublisherId"]
+    assert comfy["DisplayName"]
+    assert "includes" in comfy
+    assert comfy["requires-comfyui"].startswith(">=")
+    markers = {m.split(":")[0] for m in meta["tool"]["pytest"]["ini_options"]["markers"]}
+    assert {"comfy", "browser", "slow"} <= markers
+
+
+def _absolute_imports(path: Path) -> list[str]:
+    tree = ast.parse(path.read_text())
+    names = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.append(node.module)
+    return names
+
+
+@pytest.mark.parametrize("package", PACK_DIRS)
+def test_pack_imports_its_own_modules_relatively(package):
+    own = {"nodes", "operators", "samplers", "flowdps", "flowdps_dev"}
+    offenders = {
+        str(p.relative_to(ROOT)): name
+        for p in (ROOT / package).rglob("*.py")
+        for name in _absolute_imports(p)
+        if name.split(".")[0] in own
+    }
+    assert offenders == {}
+
+
+@pytest.mark.parametrize("package", ["operators", "samplers"])
+def test_pure_layers_never_import_comfyui(package):
+    comfy_modules = {"comfy", "comfy_api", "comfy_extras", "comfy_execution", "folder_paths", "nodes",
+                     "server", "execution", "latent_preview", "node_helpers"}
+    offenders = {
+        str(p.relative_to(ROOT)): name
+        for p in (ROOT / package).rglob("*.py")
+        for name in _absolute_imports(p)
+        if name.split(".")[0] in comfy_modules
+    }
+    assert offenders == {}
+
+
+RUFF = shutil.which("ruff") or str(Path(sys.executable).parent / "ruff")
+
+
+@pytest.mark.skipif(not Path(RUFF).exists(), reason="ruff not installed")
+@pytest.mark.parametrize(
+    ("folder", "source", "banned"),
+    [
+        ("operators", "import comfy.model_management\n", True),
+        ("samplers", "from comfy_api.latest import io\n", True),
+        ("samplers", "import folder_paths\n", True),
+        ("operators", "from samplers import flow\n", True),
+        ("nodes", "import comfy.model_management\n", False),
+        ("nodes", "from comfy_api.latest import io\n", False),
+    ],
+)
+def test_ruff_enforces_the_import_boundary(tmp_path, folder, source, banned):
+    # Lint a probe file placed inside the real package folder with the project's own configuration.
+    probe = ROOT / folder / f"_ruff_probe_{tmp_path.name}.py"
+    probe.write_text(source)
+    try:
+        out = subprocess.run([RUFF, "check", "--no-cache", "--select", "TID251", "--output-format", "concise",
+                              str(probe)], capture_output=True, text=True, cwd=ROOT)
+    finally:
+        probe.unlink()
+    assert ("TID251" in out.stdout) is banned, out.stdout + out.stderr
