@@ -54,6 +54,11 @@ else
 fi
 
 # 2. venv: torch, ComfyUI's requirements (minus torch*), requests, the test extra --------------------
+# With an external ComfyUI its own requirements decide; only torch/torchvision keep our pins.
+if [ -n "${COMFYUI_PATH:-}" ]; then
+  grep -E '^(torch|torchvision)==' "$ROOT/flowdps_dev/constraints.txt" > "$CACHE/constraints-external.txt"
+  PINS=$CACHE/constraints-external.txt
+fi
 REQS=$CACHE/comfy-requirements-notorch.txt
 grep -vE '^\s*(torch|torchvision|torchaudio)\s*$' "$COMFY/requirements.txt" | grep -vE '^\s*(#|$)' > "$REQS"
 VSTAMP=$VENV/.flowdps-$(hash_of "$PINS" "$REQS" "$ROOT/pyproject.toml")
@@ -74,15 +79,18 @@ fi
 
 # 3. the pack, linked into custom_nodes exactly where a user's git clone would be ---------------------
 LINK=$COMFY/custom_nodes/$PACK_NAME
-if [ "$(readlink "$LINK" 2>/dev/null)" != "$ROOT" ]; then
-  rm -rf "$LINK"
+if [ -e "$LINK" ] && [ ! -L "$LINK" ]; then
+  # A real folder (for example the user's own clone): never delete it; use it only if it is this checkout.
+  [ "$(cd "$LINK" && pwd -P)" = "$(pwd -P)" ] || { log "$LINK exists and is not a link to $ROOT: move it away first"; exit 2; }
+elif [ "$(readlink "$LINK" 2>/dev/null)" != "$ROOT" ]; then
+  rm -f "$LINK"
   ln -s "$ROOT" "$LINK"
   log "linked $LINK -> $ROOT"
 fi
 
 # 4. tiny random-weight models (never committed) -----------------------------------------------------
 MODELS=$CACHE/models
-MSTAMP=$MODELS/.stamp-$(hash_of "$ROOT/flowdps_dev/tiny_models.py" "$PINS")
+MSTAMP=$MODELS/.stamp-$(hash_of "$ROOT/flowdps_dev/tiny_models.py" "$ROOT/flowdps_dev/constraints.txt")
 if [ ! -f "$MSTAMP" ]; then
   T=$(now)
   rm -rf "$MODELS"
