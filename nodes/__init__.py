@@ -9,13 +9,15 @@ from __future__ import annotations
 from comfy_api.latest import ComfyExtension, io
 
 from .info import FlowDPSInfo
+from .restore_node import FlowDPSRestore
+from .sampler_nodes import FlowChefSampler, FlowDPSSampler
 
 
 class FlowDPSExtension(ComfyExtension):
     """Registers every node of the pack with ComfyUI."""
 
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [FlowDPSInfo]
+        return [FlowDPSInfo, FlowDPSSampler, FlowChefSampler, FlowDPSRestore]
 
 
 __all__ = ["FlowDPSExtension"]

@@ -1,0 +1,126 @@
+"""SAMPLER nodes for SamplerCustomAdvanced: FlowDPS and FlowChef.
+
+They combine with any NOISE, GUIDER (CFG, CFG schedules via guider nodes) and SIGMAS node. The latent
+given to SamplerCustomAdvanced must decode to the image size the operator expects (for SR x4 of a
+64 x 64 photo: 256 x 256, i.e. an EmptySD3LatentImage of 256 x 256).
+"""
+
+from __future__ import annotations
+
+import comfy.samplers
+from comfy_api.latest import io
+
+from ..samplers import FlowChefConfig, FlowDPSConfig, Schedule
+from .common import CATEGORY_SAMPLERS, OPERATOR_TYPE
+from .convert import image_to_pixels
+from .sampling import NORMS, RESIDUALS, RestorationProblem, sample_posterior
+
+Operator = io.Custom(OPERATOR_TYPE)
+
+RESIDUAL_TOOLTIP = ("Space of the data-consistency residual: 'auto' = pseudo-inverse for super-resolution and "
+                    "adjoint otherwise (the paper's choice); 'pinv' ||A+y - A+Ax||, 'adjoint' ||ATy - ATAx||, "
+                    "'measurement' ||y - Ax|| (the paper-compatible choice for motion blur).")
+NORM_TOOLTIP = ("'paper': the un-squared Euclidean norm of the residual (official FlowDPS); 'squared': "
+                "||r||^2 / (2 sigma_y^2), the Gaussian log-likelihood (use a much smaller step size).")
+SIGMA_Y_TOOLTIP = ("Measurement noise std on the [0, 1] image scale (only used by the 'squared' norm). The paper "
+                   "simulates 0.03 on the [-1, 1] scale, i.e. 0.015 here.")
+
+
+def common_inputs() -> list:
+    return [
+        io.Vae.Input("vae", tooltip="The VAE of the model; a private copy of its decoder is differentiated."),
+        Operator.Input("operator", tooltip="The degradation that produced the measurement (operator nodes)."),
+        io.Image.Input("measurement", tooltip="The degraded photo (the operator's output size)."),
+    ]
+
+
+def data_inputs() -> list:
+    return [
+        io.Combo.Input("residual", options=list(RESIDUALS), default="auto", tooltip=RESIDUAL_TOOLTIP),
+        io.Combo.Input("norm", options=list(NORMS), default="paper", tooltip=NORM_TOOLTIP),
+        io.Float.Input("sigma_y", default=0.015, min=0.0, max=1.0, step=0.001, tooltip=SIGMA_Y_TOOLTIP),
+    ]
+
+
+def step_schedule(start: float, end: float) -> float | Schedule:
+    return start if end < 0 or end == start else Schedule(start=start, end=end)
+
+
+def make_problem(vae, operator, measurement, residual: str, norm: str, sigma_y: float) -> RestorationProblem:
+    """Validate node inputs (before any sampling) and build the problem; raises ValueError with the value."""
+    if residual not in RESIDUALS:
+        raise ValueError(f"residual must be one of {RESIDUALS}, got {residual!r}")
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+    pixels = image_to_pixels(measurement, name="measurement")
+    return RestorationProblem(vae=vae, operator=operator, measurement=pixels, residual=residual, norm=norm,
+                              sigma_y=2.0 * sigma_y if norm == "squared" else None)
+
+
+class FlowDPSSampler(io.ComfyNode):
+    """FlowDPS (Kim, Kim & Ye, ICCV 2025) as a SAMPLER."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FlowDPSSampler",
+            display_name="FlowDPS Sampler",
+            category=CATEGORY_SAMPLERS,
+            description=(
+                "FlowDPS posterior sampler (arXiv 2503.08136) for SamplerCustomAdvanced: at every step the "
+                "clean-latent estimate gets K gradient steps towards the measurement through the VAE decoder, "
+                "is blended with the prior estimate and renoised. Defaults are the paper's (K=3, step 15). "
+                "Use with a rectified-flow model (SD3), ModelSamplingSD3 shift 4, 28 steps, CFG 2."
+            ),
+            inputs=[
+                *common_inputs(),
+                io.Int.Input("dc_steps", default=3, min=1, max=50,
+                             tooltip="K: gradient steps on the clean-latent estimate per sampling step (paper: 3)."),
+                io.Float.Input("step_size", default=15.0, min=0.0, max=1000.0, step=0.1,
+                               tooltip="Data-consistency step size at the first step (paper: 15)."),
+                io.Float.Input("step_size_end", default=-1.0, min=-1.0, max=1000.0, step=0.1,
+                               tooltip="Step size at the last step (linear ramp); -1 keeps it constant "
+                                       "(paper). Later work found a decreasing step better."),
+                *data_inputs(),
+            ],
+            outputs=[io.Sampler.Output()],
+        )
+
+    @classmethod
+    def execute(cls, vae, operator, measurement, dc_steps, step_size, step_size_end, residual, norm,
+                sigma_y) -> io.NodeOutput:
+        problem = make_problem(vae, operator, measurement, residual, norm, sigma_y)
+        config = FlowDPSConfig(dc_steps=dc_steps, step_size=step_schedule(step_size, step_size_end))
+        return io.NodeOutput(comfy.samplers.KSAMPLER(sample_posterior,
+                                                     extra_options={"problem": problem, "config": config}))
+
+
+class FlowChefSampler(io.ComfyNode):
+    """The FlowChef baseline as in the FlowDPS repository."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FlowChefSampler",
+            display_name="FlowChef Sampler",
+            category=CATEGORY_SAMPLERS,
+            description=(
+                "FlowChef baseline (as in the FlowDPS repository) for SamplerCustomAdvanced: one gradient "
+                "of the data term at the clean-latent estimate per step, deterministic. Faster and weaker "
+                "than FlowDPS."
+            ),
+            inputs=[
+                *common_inputs(),
+                io.Float.Input("step_size", default=15.0, min=0.0, max=1000.0, step=0.1,
+                               tooltip="Gradient step size (the repository's solve.py passes 15)."),
+                *data_inputs(),
+            ],
+            outputs=[io.Sampler.Output()],
+        )
+
+    @classmethod
+    def execute(cls, vae, operator, measurement, step_size, residual, norm, sigma_y) -> io.NodeOutput:
+        problem = make_problem(vae, operator, measurement, residual, norm, sigma_y)
+        config = FlowChefConfig(step_size=step_size)
+        return io.NodeOutput(comfy.samplers.KSAMPLER(sample_posterior,
+                                                     extra_options={"problem": problem, "config": config}))

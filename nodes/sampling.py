@@ -1,0 +1,132 @@
+"""The bridge between ComfyUI's sampling machinery and the pure samplers (``samplers/``).
+
+:func:`sample_posterior` has the k-diffusion signature that ``comfy.samplers.KSAMPLER`` calls; the
+restoration problem (VAE, operator, measurement, data-term choices) and the method's config travel in
+``extra_options``. ComfyUI's model call returns the CFG-combined x0 estimate in model space, which is
+exactly the samplers' ``denoise(z, sigma)``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import comfy.model_management as mm
+import comfy.model_sampling
+import torch
+
+from ..samplers import FlowChefConfig, FlowDPSConfig, measurement_loss, sample_flow_posterior
+from .decoder import GradDecoder
+
+logger = logging.getLogger(__name__)
+
+RESIDUALS = ("auto", "pinv", "adjoint", "measurement")
+NORMS = ("paper", "squared")
+
+
+@dataclass(frozen=True)
+class RestorationProblem:
+    """What the data term needs: ``y = A(x) + noise`` with ``x`` the decoded image in [-1, 1].
+
+    measurement: (1 or B, C, h, w) in [-1, 1], the operator's output space.
+    residual: "pinv" | "adjoint" | "measurement" | "auto" (pinv for super-resolution, as the paper).
+    norm: "paper" (un-squared) | "squared" (needs ``sigma_y`` on the [-1, 1] scale, > 0).
+    """
+
+    vae: Any
+    operator: Any
+    measurement: torch.Tensor
+    residual: str = "auto"
+    norm: str = "paper"
+    sigma_y: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.residual not in RESIDUALS:
+            raise ValueError(f"residual must be one of {RESIDUALS}, got {self.residual!r}")
+        if self.norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
+        if self.norm == "squared" and not (self.sigma_y and self.sigma_y > 0):
+            raise ValueError(f"norm 'squared' needs sigma_y > 0, got {self.sigma_y!r}")
+
+    def residual_space(self) -> str:
+        if self.residual != "auto":
+            return self.residual
+        return "pinv" if getattr(self.operator, "is_super_resolution", False) else "adjoint"
+
+
+def check_flow_model(base_model: Any) -> None:
+    """Our samplers need a rectified-flow model (ComfyUI's CONST sampling: SD3, SD3.5, Flux)."""
+    sampling = getattr(base_model, "model_sampling", None)
+    if not isinstance(sampling, comfy.model_sampling.CONST):
+        kind = type(sampling).__mro__[1].__name__ if sampling is not None else "unknown"
+        raise ValueError(f"FlowDPS needs a rectified-flow model (SD3, SD3.5, Flux); this model's sampling type "
+                         f"is {kind} ({type(base_model).__name__})")
+
+
+def decoded_shape(vae: Any, latent_shape: torch.Size) -> tuple[int, int, int, int]:
+    """Image shape ``(B, 3, H, W)`` the VAE decodes a latent of ``latent_shape`` to."""
+    ratio = getattr(vae, "upscale_ratio", 8)
+    if not isinstance(ratio, int):
+        raise ValueError(f"unsupported VAE (upscale ratio {ratio!r}): an image VAE is needed")
+    b, _, h, w = latent_shape
+    return (b, 3, h * ratio, w * ratio)
+
+
+def check_problem_fits(problem: RestorationProblem, latent_shape: torch.Size) -> None:
+    """The operator applied to the image the latent decodes to must give the measurement's shape."""
+    image_shape = decoded_shape(problem.vae, latent_shape)
+    y = problem.measurement
+    expected = tuple(problem.operator.output_shape(image_shape))
+    if y.shape[0] not in (1, image_shape[0]):
+        raise ValueError(f"measurement batch {y.shape[0]} must be 1 or the latent batch {image_shape[0]}")
+    if tuple(y.shape[1:]) != expected[1:]:
+        raise ValueError(
+            f"the latent {tuple(latent_shape)} decodes to {image_shape[3]}x{image_shape[2]} pixels; the operator "
+            f"maps that to {expected[3]}x{expected[2]}, but the measurement is {y.shape[3]}x{y.shape[2]}: set the "
+            f"latent size to match the operator and the measurement")
+
+
+def build_data_loss(problem: RestorationProblem, decoder: GradDecoder, device: torch.device):
+    """The per-sample data term with private (non-inference) copies of the operator and measurement."""
+    op = problem.operator.materialize(device=device, dtype=torch.float32)
+    projections = {"pinv": op.pinv, "adjoint": op.adjoint, "measurement": None}
+    return measurement_loss(decoder, op.forward, problem.measurement.to(device=device, dtype=torch.float32),
+                            project=projections[problem.residual_space()], norm=problem.norm,
+                            sigma_y=problem.sigma_y)
+
+
+def _make_room_for_decoder(vae: Any, device: torch.device) -> None:
+    if device.type == "cpu":
+        return
+    params = sum(p.numel() for p in vae.first_stage_model.parameters())
+    mm.free_memory(params * 4 * 2, device)  # float32 weights plus working room for one backward
+
+
+def sample_posterior(model, x, sigmas, extra_args=None, callback=None, disable=None, *,
+                     problem: RestorationProblem, config: FlowDPSConfig | FlowChefConfig):
+    """k-diffusion-style sampler function for ``comfy.samplers.KSAMPLER`` (FlowDPS / FlowChef).
+
+    model: ComfyUI's wrapped model; ``model(x, sigma, **extra_args)`` is the CFG-combined x0 in model space.
+    x: (B, C, h, w) noisy start in model space (``noise_scaling`` already applied by KSAMPLER).
+    Returns the (B, C, h, w) sample in model space.
+    """
+    extra_args = {} if extra_args is None else extra_args
+    base = model.inner_model.inner_model
+    check_flow_model(base)
+    check_problem_fits(problem, x.shape)
+    seed = int(extra_args.get("seed") or 0)
+    generator = torch.Generator(device=x.device).manual_seed(seed)
+
+    def denoise(z: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        mm.throw_exception_if_processing_interrupted()
+        return model(z, sigma, **extra_args)
+
+    _make_room_for_decoder(problem.vae, x.device)
+    decoder = GradDecoder(problem.vae, base.process_latent_out, device=x.device)
+    try:
+        data_loss = build_data_loss(problem, decoder, x.device)
+        return sample_flow_posterior(denoise, x, sigmas, data_loss, config, generator=generator,
+                                     callback=callback)
+    finally:
+        decoder.release()

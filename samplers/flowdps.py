@@ -1,0 +1,264 @@
+"""FlowDPS and FlowChef: one sampling loop, with the data-consistency rule as a parameter (its config).
+
+FlowDPS (Kim, Kim & Ye, ICCV 2025, arXiv 2503.08136; official ``sd3_sampler.py``), per step ``s -> s'``
+(flowdps.md §2):
+
+    z0 = denoise(z, s);   z1 = z + (1 - s) v = (z - (1 - s) z0) / s              (noise estimate)
+    u = z0;  repeat K = 3 times:  u = u - step_size * grad_u loss(u)             (data consistency)
+    z0_y = (1 - s) z0 + s u                                                       (blend)
+    n = sqrt(s') z1 + sqrt(1 - s') xi,   xi ~ N(0, I) fresh each step             (stochastic renoise)
+    z = (1 - s') z0_y + s' n
+
+FlowChef (the baseline in the same repository): one gradient ``g`` of the same loss at ``z0``, no blend,
+no fresh noise: ``z = z0 + s' (z1 - z0) - step_size * g``.
+
+The classifier-free guidance of step 1 of the paper happens inside ``denoise`` (ComfyUI's GUIDER), so CFG
+and CFG schedules are not sampler parameters here.
+
+Numerics: gradients are taken inside ``torch.inference_mode(False)`` + ``torch.enable_grad()`` on a detached
+clone of ``z0`` in float32 (float64 stays float64), so the loop runs under ComfyUI's inference mode; the
+denoiser is called under ``torch.no_grad()`` and never back-propagated. The loss is summed over the batch,
+so each sample gets the gradient of its own loss. Every step's result is cast back to ``z``'s dtype.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from .flow import noise_from_x0
+from .schedules import Schedule, check_range, resolve
+from .types import DataLoss, Denoiser, StepInfo
+
+__all__ = [
+    "DEFAULT_SEED",
+    "FlowChefConfig",
+    "FlowDPSConfig",
+    "PosteriorUpdate",
+    "check_sigmas",
+    "data_consistency",
+    "data_gradient",
+    "fresh_noise",
+    "sample_flow_posterior",
+]
+
+DEFAULT_SEED = 0
+"""Seed of the fresh-noise generator when ``sample_flow_posterior`` gets ``generator=None``."""
+
+
+def _grad_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for half/bfloat16/float32 inputs; float64 stays float64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def data_gradient(z0: Tensor, data_loss: DataLoss) -> Tensor:
+    """``grad_z0 sum_b data_loss(z0)_b``, in float32 (float64 for float64 input).
+
+    z0: (B, ...); ``data_loss`` must return shape (B,). Works when the caller is under
+    ``torch.inference_mode()``: the gradient is taken on an ordinary clone of ``z0``. A loss that does not
+    depend on ``z0`` (e.g. ``torch.zeros(B)``) has gradient zero.
+    """
+    with torch.inference_mode(False), torch.enable_grad():
+        u = z0.detach().clone().to(_grad_dtype(z0.dtype)).requires_grad_(True)
+        loss = data_loss(u)
+        if tuple(loss.shape) != (u.shape[0],):
+            raise ValueError(f"data_loss must return one value per sample, shape ({u.shape[0]},); "
+                             f"got {tuple(loss.shape)}")
+        if not loss.requires_grad:
+            return torch.zeros_like(u)
+        (g,) = torch.autograd.grad(loss.sum(), u, allow_unused=True)
+        return torch.zeros_like(u) if g is None else g.detach()
+
+
+def data_consistency(z0: Tensor, data_loss: DataLoss, *, step_size: float, n_steps: int) -> Tensor:
+    """``n_steps`` gradient-descent steps ``u <- u - step_size * grad loss(u)`` from ``u = z0``.
+
+    z0: (B, ...). The steps run in float32 (float64 stays float64) and the result has ``z0``'s dtype.
+    A zero step size returns ``z0`` without evaluating the loss (no decoder cost).
+    """
+    if step_size == 0 or n_steps == 0:
+        return z0
+    u = z0.to(_grad_dtype(z0.dtype))
+    for _ in range(n_steps):
+        u = u - step_size * data_gradient(u, data_loss)
+    return u.to(z0.dtype)
+
+
+def fresh_noise(like: Tensor, generator: torch.Generator) -> Tensor:
+    """``xi ~ N(0, I)`` shaped like ``like``: ``torch.randn(shape, generator=generator, device=like.device,
+    dtype=torch.float32)`` cast to ``like``'s dtype, so a seed gives the same noise for every dtype."""
+    return torch.randn(like.shape, generator=generator, device=like.device, dtype=torch.float32).to(like.dtype)
+
+
+class PosteriorUpdate(Protocol):
+    """A data-consistency rule: what a config must provide to drive :func:`sample_flow_posterior`."""
+
+    def update(self, z: Tensor, z0: Tensor, sigma: float, sigma_next: float, *, i: int, n_steps: int,
+               data_loss: DataLoss, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """One step ``sigma -> sigma_next`` from ``z`` and the denoiser's ``z0``; returns
+        ``(z_next, denoised)`` where ``denoised`` is the data-consistent x0 estimate (for previews)."""
+        ...
+
+
+BLEND_RULES = ("paper", "full")
+NOISE_RULES = ("paper",)
+
+
+@dataclass(frozen=True)
+class FlowDPSConfig:
+    """FlowDPS with the official defaults (SD3-medium, NFE 28, ``solve.py``).
+
+    The residual space and the norm are not here: they belong to the data term
+    (:func:`~.data_term.measurement_loss`).
+    """
+
+    dc_steps: int = 3
+    """K, gradient steps on ``z0`` per sampling step (official: 3)."""
+    step_size: float | Schedule = 15.0
+    """Gradient step size, constant or a :class:`Schedule` over the steps (official: 15 as ``solve.py``
+    passes it; the sampler function's own default is 30). With the paper's un-squared norm it is a
+    distance in latent space per gradient step."""
+    blend: str | float | Schedule = "paper"
+    """Weight ``w`` of the data-consistent ``u`` in ``z0_y = (1 - w) z0 + w u``: ``"paper"`` is ``w = s``
+    (trust ``u`` more when the noise is high), ``"full"`` is ``w = 1`` (use ``u``), or a number / Schedule
+    in [0, 1]."""
+    noise_mixing: str | float | Schedule = "paper"
+    """Weight ``c`` of fresh noise in the renoising ``n = sqrt(1 - c^2) z1 + c xi`` (unit variance kept):
+    ``"paper"`` is ``c = sqrt(1 - s')``; a number / Schedule in [0, 1] instead (``0`` is deterministic,
+    DDIM-like; TriPS found a decreasing weight better). Any fixed ``c > 0`` refreshes a fixed fraction of
+    the noise however small the step, so without a data term the output is not the prior even in the
+    many-step limit: the paper's rule under-disperses (see tests/samplers/test_flowdps_exact.py)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.dc_steps, bool) or not isinstance(self.dc_steps, int) or self.dc_steps < 1:
+            raise ValueError(f"dc_steps must be an integer >= 1, got {self.dc_steps!r}")
+        check_range("step_size", self.step_size, 0.0)
+        for name, rules in (("blend", BLEND_RULES), ("noise_mixing", NOISE_RULES)):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                if value not in rules:
+                    raise ValueError(f"{name} must be one of {rules}, a number or a Schedule; got {value!r}")
+            else:
+                check_range(name, value, 0.0, 1.0)
+
+    def blend_weight(self, sigma: float, i: int, n_steps: int) -> float:
+        """``w`` at step ``i`` (noise level ``sigma``)."""
+        if self.blend == "paper":
+            return sigma
+        if self.blend == "full":
+            return 1.0
+        return resolve(self.blend, i, n_steps)
+
+    def noise_weights(self, sigma_next: float, i: int, n_steps: int) -> tuple[float, float]:
+        """``(sqrt(1 - c^2), c)`` at step ``i`` (next noise level ``sigma_next``): weights of ``z1`` and ``xi``."""
+        if self.noise_mixing == "paper":
+            return math.sqrt(sigma_next), math.sqrt(max(0.0, 1.0 - sigma_next))
+        c = resolve(self.noise_mixing, i, n_steps)
+        return math.sqrt(max(0.0, 1.0 - c * c)), c
+
+    def update(self, z: Tensor, z0: Tensor, sigma: float, sigma_next: float, *, i: int, n_steps: int,
+               data_loss: DataLoss, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """One FlowDPS step (module docstring); ``s' = 0`` returns ``z0_y`` and draws no noise."""
+        u = data_consistency(z0, data_loss, step_size=resolve(self.step_size, i, n_steps),
+                             n_steps=self.dc_steps)
+        w = self.blend_weight(sigma, i, n_steps)
+        z0_y = (1 - w) * z0 + w * u
+        if sigma_next == 0:
+            return z0_y, z0_y
+        z1 = noise_from_x0(z, z0, sigma)
+        keep, c = self.noise_weights(sigma_next, i, n_steps)
+        n = keep * z1 + c * fresh_noise(z0, generator)
+        return (1 - sigma_next) * z0_y + sigma_next * n, z0_y
+
+
+@dataclass(frozen=True)
+class FlowChefConfig:
+    """FlowChef as in the FlowDPS repository: one gradient at ``z0``, no blend, deterministic."""
+
+    step_size: float | Schedule = 15.0
+    """Gradient step size, constant or a :class:`Schedule` (``solve.py`` passes 15; the sampler
+    function's own default is 50)."""
+
+    def __post_init__(self) -> None:
+        check_range("step_size", self.step_size, 0.0)
+
+    def update(self, z: Tensor, z0: Tensor, sigma: float, sigma_next: float, *, i: int, n_steps: int,
+               data_loss: DataLoss, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """``z' = z0 + s' (z1 - z0) - step_size * g``, ``g = grad loss(z0)``; ``generator`` is unused."""
+        step = resolve(self.step_size, i, n_steps)
+        z_next = z0 if sigma_next == 0 else z0 + sigma_next * (noise_from_x0(z, z0, sigma) - z0)
+        if step == 0:
+            return z_next, z0
+        correction = (step * data_gradient(z0, data_loss)).to(z0.dtype)
+        return z_next - correction, z0 - correction
+
+
+def check_sigmas(sigmas: Tensor) -> list[float]:
+    """Validate a noise schedule and return it as Python floats.
+
+    sigmas: 1-D, at least 2 values in [0, 1] (up to 1e-4 above 1 is taken as 1, for rounding), non-increasing,
+    with only the last value allowed to be 0 (no step starts at ``s = 0``).
+    """
+    if not isinstance(sigmas, Tensor) or sigmas.ndim != 1 or sigmas.numel() < 2:
+        shape = tuple(sigmas.shape) if isinstance(sigmas, Tensor) else type(sigmas).__name__
+        raise ValueError(f"sigmas must be a 1-D tensor with at least 2 values, got {shape}")
+    levels = sigmas.detach().double().cpu().tolist()
+    shown = "[" + ", ".join(f"{s:.6g}" for s in levels) + "]"
+    if not all(math.isfinite(s) and 0.0 <= s <= 1.0 + 1e-4 for s in levels):
+        raise ValueError(f"sigmas must lie in [0, 1], got {shown}")
+    if any(b > a for a, b in itertools.pairwise(levels)):
+        raise ValueError(f"sigmas must be non-increasing, got {shown}")
+    if levels[-2] <= 0.0:
+        raise ValueError(f"only the last sigma may be 0, got {shown}")
+    return [min(s, 1.0) for s in levels]
+
+
+def sample_flow_posterior(denoise: Denoiser, z: Tensor, sigmas: Tensor, data_loss: DataLoss,
+                          config: FlowDPSConfig | FlowChefConfig | PosteriorUpdate, *,
+                          generator: torch.Generator | None = None,
+                          callback: Callable[[StepInfo], None] | None = None) -> Tensor:
+    """Sample ``z0 ~ p(z0 | y)`` approximately with FlowDPS or FlowChef (chosen by ``config``'s type).
+
+    Args:
+        denoise: ``denoise(z, sigma) -> z0_hat``, z: (B, ...) e.g. (B, C, h, w) with any C, h, w;
+            sigma: (B,) tensor of ``z``'s dtype. Called under ``torch.no_grad()``, never back-propagated.
+        z: (B, ...) start at ``sigmas[0]``, e.g. pure noise for ``sigmas[0] = 1`` (ComfyUI's
+            ``noise_scaling`` for less).
+        sigmas: 1-D noise levels from ``sigmas[0] <= 1`` down, non-increasing; the last may be 0 (the
+            result is then the data-consistent x0 estimate of the last step). ``len(sigmas) - 1`` steps.
+        data_loss: ``z0 -> (B,)`` per-sample loss including the decoder (:func:`measurement_loss`).
+        config: :class:`FlowDPSConfig` or :class:`FlowChefConfig` (any object with the
+            :class:`PosteriorUpdate` method).
+        generator: source of FlowDPS's fresh noise, a ``torch.Generator`` on ``z``'s device (ComfyUI:
+            ``torch.Generator(device=z.device).manual_seed(extra_args["seed"])``). ``None`` means a new
+            generator seeded with :data:`DEFAULT_SEED`, never the global RNG. FlowChef draws nothing.
+        callback: called once per step, after the update, with the k-diffusion payload
+            ``{"x": z before the step (at sigma), "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i],
+            "denoised": data-consistent x0 estimate}``. ComfyUI's callback may raise to interrupt.
+
+    Returns:
+        (B, ...) sample at ``sigmas[-1]``, ``z``'s dtype and device.
+    """
+    levels = check_sigmas(sigmas)
+    n_steps = len(levels) - 1
+    if generator is None:
+        generator = torch.Generator(device=z.device).manual_seed(DEFAULT_SEED)
+    batch = z.shape[0]
+    for i in range(n_steps):
+        sigma, sigma_next = levels[i], levels[i + 1]
+        with torch.no_grad():
+            z0 = denoise(z, z.new_full((batch,), sigma))
+        if z0.shape != z.shape:
+            raise ValueError(f"denoise returned {tuple(z0.shape)} for z of shape {tuple(z.shape)}")
+        z_next, denoised = config.update(z, z0.detach(), sigma, sigma_next, i=i, n_steps=n_steps,
+                                         data_loss=data_loss, generator=generator)
+        if callback is not None:
+            callback({"x": z, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
+        z = z_next.to(z.dtype)
+    return z

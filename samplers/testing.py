@@ -1,0 +1,128 @@
+"""Exact test problems: a Gaussian-mixture prior with its closed-form rectified-flow denoiser and posterior.
+
+For ``p0 = sum_k pi_k N(m_k, S_k)`` and ``z_s = (1 - s) z0 + s eps`` (afdps.md §4.1):
+
+    p_s = sum_k pi_k N((1 - s) m_k, C_k(s)),      C_k(s) = (1 - s)^2 S_k + s^2 I
+    E[z0 | z_s = x] = sum_k w_k(x, s) (m_k + (1 - s) S_k C_k^{-1} (x - (1 - s) m_k)),  w_k ∝ pi_k N(x; ...)
+
+and for ``y = A z0 + n``, ``n ~ N(0, sigma_y^2 I)`` the posterior is again a mixture:
+``Sigma_k' = (S_k^{-1} + A^T A / sigma_y^2)^{-1}``, ``m_k' = Sigma_k' (S_k^{-1} m_k + A^T y / sigma_y^2)``,
+``pi_k' ∝ pi_k N(y; A m_k, A S_k A^T + sigma_y^2 I)``. A single Gaussian is the case K = 1.
+
+Used by the sampler tests (and usable by researchers); everything is computed in float64.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["GaussianMixture", "gaussian_log_prob", "moment_errors", "shifted_sigmas"]
+
+
+def _f64(x) -> Tensor:
+    return x.detach().to(torch.float64) if isinstance(x, Tensor) else torch.as_tensor(x, dtype=torch.float64)
+
+
+def gaussian_log_prob(x: Tensor, mean: Tensor, cov: Tensor) -> Tensor:
+    """``log N(x; mean, cov)`` for x: (N, d), mean: (K, d), cov: (K, d, d) -> (N, K)."""
+    chol = torch.linalg.cholesky(cov)                                   # (K, d, d)
+    precision = torch.cholesky_inverse(chol)
+    delta = x[:, None, :] - mean[None]                                  # (N, K, d)
+    quad = torch.einsum("nki,kij,nkj->nk", delta, precision, delta)
+    logdet = 2 * torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)  # (K,)
+    return -0.5 * (quad + logdet + x.shape[1] * math.log(2 * math.pi))
+
+
+@dataclass(frozen=True, eq=False)
+class GaussianMixture:
+    """``sum_k weights[k] N(means[k], covs[k])`` in ``d`` dimensions (float64 tensors)."""
+
+    weights: Tensor
+    """(K,) mixture weights, summing to 1."""
+    means: Tensor
+    """(K, d) component means."""
+    covs: Tensor
+    """(K, d, d) component covariances (symmetric positive definite)."""
+
+    @classmethod
+    def from_lists(cls, weights, means, covs) -> GaussianMixture:
+        """Build from nested lists / arrays (weights are normalised)."""
+        w = _f64(weights)
+        return cls(w / w.sum(), _f64(means), _f64(covs))
+
+    @classmethod
+    def gaussian(cls, mean, cov) -> GaussianMixture:
+        """A single Gaussian ``N(mean, cov)``; mean: (d,), cov: (d, d)."""
+        return cls(torch.ones(1, dtype=torch.float64), _f64(mean)[None], _f64(cov)[None])
+
+    @property
+    def dim(self) -> int:
+        return self.means.shape[1]
+
+    def mean(self) -> Tensor:
+        """(d,) mixture mean."""
+        return self.weights @ self.means
+
+    def cov(self) -> Tensor:
+        """(d, d) mixture covariance ``sum_k pi_k (S_k + m_k m_k^T) - mu mu^T``."""
+        mu = self.mean()
+        second = torch.einsum("k,kij->ij", self.weights, self.covs + self.means[:, :, None] * self.means[:, None])
+        return second - torch.outer(mu, mu)
+
+    def sample(self, n: int, generator: torch.Generator) -> Tensor:
+        """(n, d) exact draws."""
+        k = torch.multinomial(self.weights, n, replacement=True, generator=generator)
+        xi = torch.randn(n, self.dim, 1, generator=generator, dtype=torch.float64)
+        return self.means[k] + (torch.linalg.cholesky(self.covs)[k] @ xi).squeeze(-1)
+
+    def responsibilities(self, x: Tensor) -> Tensor:
+        """(N, K) posterior component probabilities of points x: (N, d) under this mixture."""
+        return torch.softmax(torch.log(self.weights) + gaussian_log_prob(x, self.means, self.covs), dim=1)
+
+    def denoise(self, z: Tensor, sigma: Tensor | float) -> Tensor:
+        """Exact ``E[z0 | z_s = z]``; z: (B, d, ...) flattening to (B, d); sigma: float or (B,) with one
+        shared value (a sampler's step). Returns z's shape and dtype."""
+        s = float(sigma.flatten()[0]) if isinstance(sigma, Tensor) else float(sigma)
+        if isinstance(sigma, Tensor) and not bool((sigma == sigma.flatten()[0]).all()):
+            raise ValueError("GaussianMixture.denoise needs one sigma for the whole batch")
+        x = z.reshape(z.shape[0], -1).to(torch.float64)
+        a = 1.0 - s
+        eye = torch.eye(self.dim, dtype=torch.float64)
+        c = a * a * self.covs + s * s * eye                                # (K, d, d)
+        w = torch.softmax(torch.log(self.weights) + gaussian_log_prob(x, a * self.means, c), dim=1)
+        delta = x[:, None, :] - a * self.means[None]                      # (N, K, d)
+        gain = a * self.covs @ torch.linalg.inv(c)                         # (K, d, d)
+        cond = self.means[None] + torch.einsum("kij,nkj->nki", gain, delta)
+        return (w[..., None] * cond).sum(1).reshape(z.shape).to(z.dtype)
+
+    def posterior(self, matrix: Tensor, y: Tensor, sigma_y: float) -> GaussianMixture:
+        """Exact posterior mixture for ``y = A z0 + N(0, sigma_y^2 I)``; A = matrix: (m, d), y: (m,)."""
+        a = _f64(matrix)
+        y = _f64(y).reshape(-1)
+        prec = torch.linalg.inv(self.covs)
+        covs = torch.linalg.inv(prec + a.T @ a / sigma_y**2)
+        rhs = (prec @ self.means.unsqueeze(-1)).squeeze(-1) + a.T @ y / sigma_y**2
+        means = (covs @ rhs.unsqueeze(-1)).squeeze(-1)
+        pred_cov = a @ self.covs @ a.T + sigma_y**2 * torch.eye(a.shape[0], dtype=torch.float64)
+        logw = torch.log(self.weights) + gaussian_log_prob(y[None], self.means @ a.T, pred_cov)[0]
+        return GaussianMixture(torch.softmax(logw, dim=0), means, covs)
+
+
+def shifted_sigmas(n_steps: int, shift: float = 4.0) -> Tensor:
+    """SD3 / diffusers flow grid: ``t`` uniform from 1 to 0, ``s = shift t / (1 + (shift - 1) t)``.
+
+    Returns (n_steps + 1,) float32 from 1 down to 0 (shift > 1 makes it dense near s = 1; the paper uses 4).
+    """
+    t = torch.linspace(1.0, 0.0, n_steps + 1, dtype=torch.float64)
+    return (shift * t / (1 + (shift - 1) * t)).to(torch.float32)
+
+
+def moment_errors(samples: Tensor, mean: Tensor, cov: Tensor) -> tuple[float, float]:
+    """(||mean_hat - mean||_2, ||cov_hat - cov||_F / ||cov||_F) of samples (N, d) against exact moments."""
+    x = samples.reshape(samples.shape[0], -1).to(torch.float64)
+    return (float(torch.linalg.vector_norm(x.mean(0) - mean)),
+            float(torch.linalg.matrix_norm(torch.cov(x.T) - cov) / torch.linalg.matrix_norm(cov)))
