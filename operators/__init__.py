@@ -1,4 +1,86 @@
 """Degradation operators: exact linear maps with true adjoints and pseudo-inverses (pure PyTorch).
 
+Images are ``(B, C, H, W)`` float tensors in [-1, 1]; see :class:`LinearOperator`. Measurement noise is a
+separate object (:class:`GaussianNoise`): ``y = noise.apply(op.forward(x), generator)``. Oracles for tests
+live in :mod:`.testing`.
+
 This package never imports ComfyUI (enforced by ruff's banned-api rule).
 """
+
+from .base import CG_MAX_ITER, CG_TOL, Composed, LinearOperator, conjugate_gradient
+from .basic import BT601_WEIGHTS, MEAN_WEIGHTS, Grayscale, Identity
+from .blur import (
+    BOUNDARIES,
+    FFT_PINV_RTOL,
+    GAUSSIAN_KERNEL_SIZE,
+    GAUSSIAN_SIGMA,
+    Blur,
+    gaussian_blur,
+    gaussian_kernel,
+    motion_blur,
+    validate_kernel,
+)
+from .inpainting import (
+    KEEP_THRESHOLD,
+    Inpainting,
+    box_mask,
+    fit_mask,
+    keep_mask_from_comfy_mask,
+    random_mask,
+)
+from .motion import MOTION_INTENSITY, MOTION_KERNEL_SIZE, motion_kernel
+from .noise import PAPER_SIGMA_Y, GaussianNoise
+from .paper import (
+    PAPER_GAUSSIAN_KERNEL_SIZE,
+    PAPER_GAUSSIAN_SIGMA,
+    PAPER_SVD_THRESHOLD,
+    PaperGaussianBlur,
+    paper_gaussian_matrices,
+    paper_gaussian_matrix,
+    paper_gaussian_taps,
+)
+from .sr import BICUBIC_A, PAPER_SR_FACTOR, AvgPoolSR, BicubicSR, bicubic_matrices
+
+__all__ = [
+    "BICUBIC_A",
+    "BOUNDARIES",
+    "BT601_WEIGHTS",
+    "CG_MAX_ITER",
+    "CG_TOL",
+    "FFT_PINV_RTOL",
+    "GAUSSIAN_KERNEL_SIZE",
+    "GAUSSIAN_SIGMA",
+    "KEEP_THRESHOLD",
+    "MEAN_WEIGHTS",
+    "MOTION_INTENSITY",
+    "MOTION_KERNEL_SIZE",
+    "PAPER_GAUSSIAN_KERNEL_SIZE",
+    "PAPER_GAUSSIAN_SIGMA",
+    "PAPER_SIGMA_Y",
+    "PAPER_SR_FACTOR",
+    "PAPER_SVD_THRESHOLD",
+    "AvgPoolSR",
+    "BicubicSR",
+    "Blur",
+    "Composed",
+    "GaussianNoise",
+    "Grayscale",
+    "Identity",
+    "Inpainting",
+    "LinearOperator",
+    "PaperGaussianBlur",
+    "bicubic_matrices",
+    "box_mask",
+    "conjugate_gradient",
+    "fit_mask",
+    "gaussian_blur",
+    "gaussian_kernel",
+    "keep_mask_from_comfy_mask",
+    "motion_blur",
+    "motion_kernel",
+    "paper_gaussian_matrices",
+    "paper_gaussian_matrix",
+    "paper_gaussian_taps",
+    "random_mask",
+    "validate_kernel",
+]

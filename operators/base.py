@@ -1,0 +1,263 @@
+"""The linear-operator abstraction: ``y = A x`` on batched images, its adjoint and pseudo-inverse.
+
+Every operator acts on ``x: (B, C, H, W)``, a float tensor (any floating dtype, any device) holding images in
+[-1, 1] (the VAE's pixel range), and returns ``y = A x`` of shape :meth:`LinearOperator.output_shape`. The
+operators are exact linear maps: ``adjoint`` is the true transpose (``<A x, y> = <x, A^T y>``), not an
+approximation, and ``pinv`` is the Moore-Penrose pseudo-inverse, in closed form where one exists and
+otherwise by conjugate gradients on the normal equations (:meth:`LinearOperator.pinv_cg`, tolerance
+:data:`CG_TOL`, at most :data:`CG_MAX_ITER` iterations).
+
+Operators are immutable frozen dataclasses. Their small parameter tensors (kernels, masks) are moved to the
+device and dtype of the input at call time. Operators built inside ComfyUI nodes run under
+``torch.inference_mode()``, so their tensors are inference tensors, which autograd refuses to save for
+backward; :meth:`LinearOperator.materialize` returns a copy with plain cloned tensors for gradient use.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import logging
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+logger = logging.getLogger(__name__)
+
+CG_TOL = 1e-6
+"""Default stopping rule of the CG pseudo-inverse: relative residual of the normal equations,
+``||A^T (y - A x_k)|| <= CG_TOL * ||A^T y||``, per sample. This resolves roughly the components whose
+singular value is above ``sqrt(CG_TOL) = 1e-3`` times the largest one (the cut of :data:`FFT_PINV_RTOL`)."""
+
+CG_MAX_ITER = 200
+"""Default iteration cap of the CG pseudo-inverse; the last iterate is returned if it is reached (for
+ill-conditioned blurs this early stop acts as a regulariser)."""
+
+Shape = tuple[int, int, int, int]
+
+
+def check_image_shape(shape: Sequence[int], name: str = "x") -> Shape:
+    """Return ``shape`` as a tuple after checking it is a non-empty ``(B, C, H, W)`` image-batch shape."""
+    shape = tuple(int(s) for s in shape)
+    if len(shape) != 4:
+        raise ValueError(f"{name} must be an image batch (B, C, H, W), got shape {shape}")
+    if min(shape) < 1:
+        raise ValueError(f"{name} has an empty dimension: shape {shape}")
+    return shape  # type: ignore[return-value]
+
+
+def check_image_tensor(t: Tensor, name: str = "x") -> Shape:
+    """Check that ``t`` is a floating-point ``(B, C, H, W)`` tensor; return its shape."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+    return check_image_shape(t.shape, name)
+
+
+def work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype to compute in: float32/float64 as given, float32 for half precisions (FFT, CG)."""
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def check_positive_int(value: object, name: str) -> int:
+    """Return ``value`` as an int >= 1, or raise ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        try:
+            value = int(value.__index__())  # type: ignore[attr-defined]
+        except (AttributeError, TypeError):
+            raise ValueError(f"{name} must be an integer, got {value!r}") from None
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return value
+
+
+def check_finite_float(value: object, name: str) -> float:
+    """Return ``value`` as a finite float, or raise ValueError naming it."""
+    try:
+        value = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {value!r}") from None
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
+def _batch_dot(a: Tensor, b: Tensor) -> Tensor:
+    """Per-sample inner products of two ``(B, ...)`` tensors, shaped ``(B, 1, ..., 1)`` for broadcasting."""
+    return (a * b).flatten(1).sum(1).view(-1, *([1] * (a.dim() - 1)))
+
+
+def conjugate_gradient(
+    matvec: Callable[[Tensor], Tensor], rhs: Tensor, *, tol: float = CG_TOL, max_iter: int = CG_MAX_ITER
+) -> Tensor:
+    """Solve ``M u = rhs`` for a symmetric positive semi-definite ``M`` by batched conjugate gradients.
+
+    rhs: (B, ...); each sample is an independent system (own step sizes, own stopping). Starts from
+    ``u = 0`` and stops a sample when ``||r|| <= tol * ||rhs||``; after ``max_iter`` iterations the current
+    iterate is returned. From ``u = 0`` and for ``rhs`` in the range of ``M`` the iterates stay in that
+    range, so the limit is the minimum-norm solution.
+    """
+    u = torch.zeros_like(rhs)
+    r = rhs.clone()
+    p = r.clone()
+    rs = _batch_dot(r, r)
+    stop = (tol**2) * rs
+    for _ in range(max_iter):
+        active = rs > stop
+        if not bool(active.any()):
+            break
+        mp = matvec(p)
+        pmp = _batch_dot(p, mp)
+        ok = active & (pmp > 0)
+        alpha = torch.where(ok, rs / torch.where(ok, pmp, torch.ones_like(pmp)), torch.zeros_like(pmp))
+        u = u + alpha * p
+        r = r - alpha * mp
+        rs_new = _batch_dot(r, r)
+        beta = torch.where(ok, rs_new / torch.where(ok, rs, torch.ones_like(rs)), torch.zeros_like(rs))
+        p = r + beta * p
+        rs = torch.where(ok, rs_new, rs)
+    else:
+        logger.debug("conjugate_gradient stopped at max_iter=%d before reaching tol=%g", max_iter, tol)
+    return u
+
+
+class LinearOperator(abc.ABC):
+    """A linear map ``y = A x`` on batched images.
+
+    x: (B, C, H, W) float in [-1, 1] (VAE pixel space); y: (B, C', H', W') given by :meth:`output_shape`.
+    Operators are immutable and device/dtype-agnostic: small parameter tensors are moved to x's
+    device/dtype at call time. Calls have no side effects. Subclasses are frozen dataclasses implementing
+    ``_forward``/``_adjoint`` (and ``_pinv`` where a closed form exists), and extending
+    :meth:`validate_input_shape` / ``_output_shape`` when the shape rules differ from "any image".
+
+    ``A @ B`` composes (``(A @ B).forward(x) == A.forward(B.forward(x))``).
+    """
+
+    # ---- public API -------------------------------------------------------------------------------
+    def forward(self, x: Tensor) -> Tensor:
+        """``A x``. x: (B, C, H, W) float; raises ValueError when the shape breaks the operator's rules."""
+        check_image_tensor(x, "x")
+        self.validate_input_shape(x.shape)
+        return self._forward(x)
+
+    def adjoint(self, y: Tensor) -> Tensor:
+        """``A^T y``, the exact transpose. y: measurement of shape ``output_shape(x.shape)``."""
+        check_image_tensor(y, "y")
+        return self._adjoint(y)
+
+    def pinv(self, y: Tensor) -> Tensor:
+        """``A^+ y`` (Moore-Penrose): closed form where the operator has one, else :meth:`pinv_cg`."""
+        check_image_tensor(y, "y")
+        return self._pinv(y)
+
+    def pinv_cg(self, y: Tensor, *, tol: float = CG_TOL, max_iter: int = CG_MAX_ITER) -> Tensor:
+        """``A^+ y`` by conjugate gradients (computed in float32 at least, returned in y's dtype).
+
+        CG on the normal equations ``A^T A x = A^T y`` from ``x = 0``: the iterates stay in the row space of
+        A, so the limit is the minimum-norm least-squares solution ``A^+ y``, for every operator shape:
+
+        * wide operators (fewer measurements than unknowns, e.g. super-resolution, blur then downsample):
+          with full row rank this is the minimum-norm solution ``A^T (A A^T)^-1 y``. It is deliberately not
+          computed by CG on ``A A^T u = y``: when ``A A^T`` is singular (a mask after a downsample) and y is
+          not in the range of A (any noisy measurement), that iteration diverges (measured: 1e86, then NaN,
+          on an 8x6 example), while the normal equations stay consistent;
+        * square operators (blur): the least-squares solution of least norm.
+
+        ``tol`` is the relative residual ``||A^T (y - A x_k)|| <= tol ||A^T y||``. For ill-conditioned
+        operators (large blurs) the result after ``max_iter`` iterations is an implicitly regularised
+        approximation of ``A^+ y`` (CG semi-convergence), not the exact pseudo-inverse.
+        """
+        check_image_tensor(y, "y")
+        yw = y.to(work_dtype(y.dtype))
+        x = conjugate_gradient(
+            lambda v: self.adjoint(self.forward(v)), self.adjoint(yw), tol=tol, max_iter=max_iter
+        )
+        return x.to(y.dtype)
+
+    def validate_input_shape(self, shape: Sequence[int]) -> Shape:
+        """Return the input shape as a tuple, or raise ValueError naming the offending value and the rule."""
+        return check_image_shape(shape, "x")
+
+    def output_shape(self, input_shape: Sequence[int]) -> Shape:
+        """Shape of ``A x`` for x of ``input_shape`` (validated first)."""
+        return self._output_shape(self.validate_input_shape(input_shape))
+
+    def materialize(
+        self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> LinearOperator:
+        """A copy whose tensors are plain (non-inference) clones, optionally moved to ``device``/``dtype``.
+
+        The clones are made inside ``torch.inference_mode(False)``, so this may be called anywhere, also
+        inside inference mode. ``dtype`` applies to floating-point tensors only; nested operators (in a
+        composition) are materialised recursively.
+        """
+        if dtype is not None and not dtype.is_floating_point:
+            raise ValueError(f"dtype must be a floating-point dtype, got {dtype}")
+        if not dataclasses.is_dataclass(self):
+            raise TypeError(f"{type(self).__name__} must be a dataclass to be materialised")
+        changes: dict[str, object] = {}
+        with torch.inference_mode(False):
+            for field in dataclasses.fields(self):
+                value = getattr(self, field.name)
+                if isinstance(value, Tensor):
+                    new_dtype = dtype if dtype is not None and value.is_floating_point() else value.dtype
+                    changes[field.name] = value.detach().to(
+                        device=value.device if device is None else device, dtype=new_dtype, copy=True
+                    )
+                elif isinstance(value, LinearOperator):
+                    changes[field.name] = value.materialize(device, dtype)
+            return dataclasses.replace(self, **changes)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return self.forward(x)
+
+    def __matmul__(self, inner: LinearOperator) -> LinearOperator:
+        if not isinstance(inner, LinearOperator):
+            return NotImplemented
+        return Composed(outer=self, inner=inner)
+
+    # ---- to implement -----------------------------------------------------------------------------
+    @abc.abstractmethod
+    def _forward(self, x: Tensor) -> Tensor: ...
+
+    @abc.abstractmethod
+    def _adjoint(self, y: Tensor) -> Tensor: ...
+
+    def _pinv(self, y: Tensor) -> Tensor:
+        return self.pinv_cg(y)
+
+    def _output_shape(self, shape: Shape) -> Shape:
+        return shape
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Composed(LinearOperator):
+    """``outer @ inner``: ``x -> outer(inner(x))``; adjoint ``inner^T(outer^T(y))``; pinv by CG.
+
+    Example: a camera model ``AvgPoolSR(4) @ gaussian_blur(...)`` blurs, then downsamples.
+    """
+
+    outer: LinearOperator
+    inner: LinearOperator
+
+    def __post_init__(self) -> None:
+        for name in ("outer", "inner"):
+            if not isinstance(getattr(self, name), LinearOperator):
+                raise TypeError(f"{name} must be a LinearOperator, got {type(getattr(self, name)).__name__}")
+
+    def validate_input_shape(self, shape: Sequence[int]) -> Shape:
+        shape = self.inner.validate_input_shape(shape)
+        self.outer.validate_input_shape(self.inner.output_shape(shape))
+        return shape
+
+    def _output_shape(self, shape: Shape) -> Shape:
+        return self.outer.output_shape(self.inner.output_shape(shape))
+
+    def _forward(self, x: Tensor) -> Tensor:
+        return self.outer.forward(self.inner.forward(x))
+
+    def _adjoint(self, y: Tensor) -> Tensor:
+        return self.inner.adjoint(self.outer.adjoint(y))
