@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import comfy.model_management as mm
@@ -120,8 +121,7 @@ class FlowDPSRestore(io.ComfyNode):
             raise ValueError(f"shift must be > 0, got {shift}")
         problem = make_problem(vae, operator, measurement, residual, norm, sigma_y)
         y, image_shape = fit_measurement(operator, problem.measurement)
-        problem = problem.__class__(vae=vae, operator=operator, measurement=y, residual=problem.residual,
-                                    norm=problem.norm, sigma_y=problem.sigma_y)
+        problem = dataclasses.replace(problem, measurement=y)
         config = (FlowDPSConfig(dc_steps=dc_steps, step_size=step_schedule(step_size, step_size_end))
                   if method == "flowdps" else FlowChefConfig(step_size=step_schedule(step_size, step_size_end)))
 

@@ -16,6 +16,7 @@ import comfy.model_management as mm
 import comfy.model_sampling
 import torch
 
+from ..operators import AvgPoolSR, BicubicSR, Composed
 from ..samplers import FlowChefConfig, FlowDPSConfig, measurement_loss, sample_flow_posterior
 from .decoder import GradDecoder
 
@@ -52,7 +53,14 @@ class RestorationProblem:
     def residual_space(self) -> str:
         if self.residual != "auto":
             return self.residual
-        return "pinv" if getattr(self.operator, "is_super_resolution", False) else "adjoint"
+        return "pinv" if is_super_resolution(self.operator) else "adjoint"
+
+
+def is_super_resolution(operator: Any) -> bool:
+    """True for a downsampling operator, alone or as the outer part of a composition (e.g. blur then pool)."""
+    if isinstance(operator, AvgPoolSR | BicubicSR) or getattr(operator, "is_super_resolution", False):
+        return True
+    return isinstance(operator, Composed) and is_super_resolution(operator.outer)
 
 
 def check_flow_model(base_model: Any) -> None:
