@@ -2,8 +2,8 @@
 
 Importing this module is cheap and has no side effects: it defines the pack version and the V3
 entry point. ComfyUI calls :func:`comfy_entrypoint` when it loads this folder from ``custom_nodes``;
-only then are the node classes (and ComfyUI's own modules) imported. This module deliberately does
-not export ``NODE_CLASS_MAPPINGS``: ComfyUI would then ignore the V3 entry point.
+only then are the node classes (and ComfyUI's own modules) imported. This module deliberately has no
+V1 node-class mapping: ComfyUI would then ignore the V3 entry point.
 """
 
 __version__ = "0.1.0"
