@@ -9,6 +9,8 @@ from __future__ import annotations
 from comfy_api.latest import ComfyExtension, io
 
 from .info import FlowDPSInfo
+from .measurement_nodes import MEASUREMENT_NODES
+from .operator_nodes import OPERATOR_NODES
 from .restore_node import FlowDPSRestore
 from .sampler_nodes import FlowChefSampler, FlowDPSSampler
 
@@ -17,7 +19,7 @@ class FlowDPSExtension(ComfyExtension):
     """Registers every node of the pack with ComfyUI."""
 
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [FlowDPSInfo, FlowDPSSampler, FlowChefSampler, FlowDPSRestore]
+        return [FlowDPSInfo, *OPERATOR_NODES, *MEASUREMENT_NODES, FlowDPSSampler, FlowChefSampler, FlowDPSRestore]
 
 
 __all__ = ["FlowDPSExtension"]

@@ -11,11 +11,9 @@ import comfy.samplers
 from comfy_api.latest import io
 
 from ..samplers import FlowChefConfig, FlowDPSConfig, Schedule
-from .common import CATEGORY_SAMPLERS, OPERATOR_TYPE
-from .convert import image_to_pixels
+from .common import CATEGORY_SAMPLERS, Operator
+from .measurement import measurement_pixels
 from .sampling import NORMS, RESIDUALS, RestorationProblem, sample_posterior
-
-Operator = io.Custom(OPERATOR_TYPE)
 
 RESIDUAL_TOOLTIP = ("Space of the data-consistency residual: 'auto' = pseudo-inverse for super-resolution and "
                     "adjoint otherwise (the paper's choice); 'pinv' ||A+y - A+Ax||, 'adjoint' ||ATy - ATAx||, "
@@ -52,7 +50,7 @@ def make_problem(vae, operator, measurement, residual: str, norm: str, sigma_y: 
         raise ValueError(f"residual must be one of {RESIDUALS}, got {residual!r}")
     if norm not in NORMS:
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
-    pixels = image_to_pixels(measurement, name="measurement")
+    pixels = measurement_pixels(operator, measurement)
     return RestorationProblem(vae=vae, operator=operator, measurement=pixels, residual=residual, norm=norm,
                               sigma_y=2.0 * sigma_y if norm == "squared" else None)
 

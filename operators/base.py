@@ -153,6 +153,11 @@ class LinearOperator(abc.ABC):
         check_image_tensor(y, "y")
         return self._pinv(y)
 
+    @property
+    def closed_form_pinv(self) -> bool:
+        """True when :meth:`pinv` is exact and cheap (closed form), False when it runs conjugate gradients."""
+        return type(self)._pinv is not LinearOperator._pinv
+
     def pinv_cg(self, y: Tensor, *, tol: float = CG_TOL, max_iter: int = CG_MAX_ITER) -> Tensor:
         """``A^+ y`` by conjugate gradients (computed in float32 at least, returned in y's dtype).
 
@@ -184,6 +189,19 @@ class LinearOperator(abc.ABC):
     def output_shape(self, input_shape: Sequence[int]) -> Shape:
         """Shape of ``A x`` for x of ``input_shape`` (validated first)."""
         return self._output_shape(self.validate_input_shape(input_shape))
+
+    def input_shape(self, output_shape: Sequence[int]) -> Shape:
+        """Shape of the image x whose measurement ``A x`` has ``output_shape`` (the inverse of :meth:`output_shape`).
+
+        Raises ValueError, naming the sizes, when no image maps to that measurement shape (for example a
+        mask of another size). Used to size the restored image from a measurement.
+        """
+        shape = self._input_shape(check_image_shape(output_shape, "measurement"))
+        produced = self.output_shape(shape)
+        if tuple(produced) != tuple(output_shape):
+            raise ValueError(f"no image maps to a measurement of shape {tuple(output_shape)} with this operator "
+                             f"(an image of shape {shape} gives {produced})")
+        return shape
 
     def materialize(
         self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
@@ -232,6 +250,9 @@ class LinearOperator(abc.ABC):
     def _output_shape(self, shape: Shape) -> Shape:
         return shape
 
+    def _input_shape(self, output_shape: Shape) -> Shape:
+        return output_shape
+
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Composed(LinearOperator):
@@ -255,6 +276,9 @@ class Composed(LinearOperator):
 
     def _output_shape(self, shape: Shape) -> Shape:
         return self.outer.output_shape(self.inner.output_shape(shape))
+
+    def _input_shape(self, output_shape: Shape) -> Shape:
+        return self.inner.input_shape(self.outer.input_shape(output_shape))
 
     def _forward(self, x: Tensor) -> Tensor:
         return self.outer.forward(self.inner.forward(x))

@@ -59,6 +59,11 @@ class Grayscale(LinearOperator):
     def _output_shape(self, shape: Shape) -> Shape:
         return (shape[0], 1, shape[2], shape[3])
 
+    def _input_shape(self, output_shape: Shape) -> Shape:
+        if output_shape[1] != 1:
+            raise ValueError(f"colour-to-grey measurements have 1 channel, got {output_shape[1]}")
+        return (output_shape[0], len(self.weights), output_shape[2], output_shape[3])
+
     def _w(self, like: Tensor) -> Tensor:
         return torch.tensor(self.weights, device=like.device, dtype=like.dtype).view(1, -1, 1, 1)
 

@@ -159,6 +159,10 @@ class Blur(LinearOperator):
         k = F.pad(k, (0, width - kw, 0, height - kh)).roll((-(kh // 2), -(kw // 2)), dims=(0, 1))
         return torch.fft.rfft2(k)
 
+    @property
+    def closed_form_pinv(self) -> bool:
+        return self.boundary == "circular"
+
     def _pinv(self, y: Tensor) -> Tensor:
         if self.boundary != "circular":
             return self.pinv_cg(y)

@@ -49,6 +49,10 @@ class _IntegerFactorSR(LinearOperator):
         b, c, h, w = shape
         return (b, c, h // self.factor, w // self.factor)
 
+    def _input_shape(self, output_shape: Shape) -> Shape:
+        b, c, h, w = output_shape
+        return (b, c, h * self.factor, w * self.factor)
+
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class AvgPoolSR(_IntegerFactorSR):

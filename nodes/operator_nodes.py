@@ -1,0 +1,378 @@
+"""Operator nodes: one per degradation, each returning a FLOWDPS_OPERATOR (an ``operators.LinearOperator``).
+
+Operators are cheap descriptions (a factor, a kernel, a mask); the image size is only known when a
+measurement or image arrives, so size rules (factor divides the size, kernel fits, mask matches) are checked
+by the nodes that receive an image (Simulate measurement, Pseudo-inverse preview, the samplers), before any
+expensive work. Parameter rules (odd kernel size, sigma > 0, ...) are checked here.
+"""
+
+from __future__ import annotations
+
+import torch
+from comfy_api.latest import io
+
+from ..operators import (
+    BT601_WEIGHTS,
+    GAUSSIAN_KERNEL_SIZE,
+    GAUSSIAN_SIGMA,
+    MEAN_WEIGHTS,
+    MOTION_INTENSITY,
+    MOTION_KERNEL_SIZE,
+    PAPER_GAUSSIAN_KERNEL_SIZE,
+    PAPER_GAUSSIAN_SIGMA,
+    PAPER_SR_FACTOR,
+    AvgPoolSR,
+    BicubicSR,
+    Blur,
+    Grayscale,
+    Identity,
+    Inpainting,
+    PaperGaussianBlur,
+    box_mask,
+    gaussian_kernel,
+    keep_mask_from_comfy_mask,
+    motion_kernel,
+    random_mask,
+    validate_kernel,
+)
+from .common import CATEGORY_OPERATORS, Operator
+from .convert import mask_to_batch
+
+BOUNDARY_TOOLTIP = ("What lies outside the image: 'reflect' mirrors it at the edges (natural photos), 'circular' "
+                    "wraps around (closed-form pseudo-inverse), 'zero' is black.")
+KERNEL_SIZE_TOOLTIP = "Kernel size in pixels (odd, so the kernel has a centre; paper: 61). Must not exceed the image."
+GREY_WEIGHTS = {"mean": MEAN_WEIGHTS, "bt601": BT601_WEIGHTS}
+BOX_DEFAULT_SIZE = 768  # the paper's image size (SD3 at 768 x 768)
+RANDOM_MISSING_RATIO = 0.7  # not from FlowDPS (its inpainting is not exposed); a common choice in the DPS family
+
+
+def _odd_kernel_size(size: int) -> int:
+    if size % 2 == 0:
+        raise ValueError(f"kernel_size {size} is even; blur kernels need an odd size (a centre pixel), e.g. {size + 1}")
+    return size
+
+
+def _operator_output() -> io.Output:
+    return Operator.Output(display_name="operator", tooltip="The degradation, for Simulate measurement, the "
+                                                            "pseudo-inverse preview and the FlowDPS nodes.")
+
+
+def kernel_to_image(kernel: torch.Tensor) -> torch.Tensor:
+    """A ``(kh, kw)`` kernel as a ComfyUI IMAGE ``(1, kh, kw, 3)`` scaled to peak 1 (for display)."""
+    k = kernel.float()
+    k = k / k.max().clamp_min(torch.finfo(torch.float32).tiny)
+    return k[None, :, :, None].expand(1, -1, -1, 3).contiguous()
+
+
+def kernel_from_inputs(image: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor:
+    """The user's kernel from exactly one of an IMAGE (channel mean of the first image) or a MASK; validated."""
+    if (image is None) == (mask is None):
+        raise ValueError("connect exactly one kernel: kernel_image (an IMAGE) or kernel_mask (a MASK)"
+                         + (", not both" if image is not None else ""))
+    if image is not None:
+        if image.ndim != 4:
+            raise ValueError(f"kernel_image must be an IMAGE (B, H, W, C), got shape {tuple(image.shape)}")
+        kernel = image[0, :, :, : min(image.shape[-1], 3)].float().mean(dim=-1)
+    else:
+        kernel = mask_to_batch(mask, name="kernel_mask")[0]
+    return validate_kernel(kernel.clone())
+
+
+class SuperResolutionAvgPool(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FlowDPSOperatorSRAvgPool",
+            display_name="SR operator (average pool)",
+            category=CATEGORY_OPERATORS,
+            description="Super-resolution by an integer factor: each measured pixel is the mean of a factor x "
+                        "factor block (the paper's sr_avgpool). The image sides must be divisible by the factor.",
+            inputs=[io.Int.Input("factor", default=PAPER_SR_FACTOR, min=1, max=64,
+                                 tooltip="Downscale factor (paper: 12, 768 -> 64 pixels).")],
+            outputs=[_operator_output()],
+        )
+
+    @classmethod
+    def execute(cls, factor) -> io.NodeOutput:
+        return io.NodeOutput(AvgPoolSR(factor))
+
+
+class SuperResolutionBicubic(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FlowDPSOperatorSRBicubic",
+            display_name="SR operator (bicubic)",
+            category=CATEGORY_OPERATORS,
+            description="Super-resolution by an integer factor with antialiased bicubic downsampling (a = -0.5, "
+                        "symmetric boundary; the paper's sr_bicubic). The image sides must be divisible by the "
+                        "factor.",
+            inputs=[io.Int.Input("factor", default=PAPER_SR_FACTOR, min=1, max=64,
+                                 tooltip="Downscale factor (paper: 12, 768 -> 64 pixels).")],
+            outputs=[_operator_output()],
+        )
+
+    @classmethod
+    def execute(cls, factor) -> io.NodeOutput:
+        return io.NodeOutput(BicubicSR(factor))
+
+
+class GaussianBlurOperator(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FlowDPSOperatorGaussianBlur",
+            display_name="Gaussian blur operator",
+            category=CATEGORY_OPERATORS,
+            description="An exact, centred Gaussian blur with a true adjoint (our default for Gaussian "
+                        "deblurring; the paper's size 61, sigma 3).",
+            inputs=[
+                io.Int.Input("kernel_size", default=GAUSSIAN_KERNEL_SIZE, min=1, max=255, step=2,
+                             tooltip=KERNEL_SIZE_TOOLTIP),
+                io.Float.Input("sigma", default=GAUSSIAN_SIGMA, min=0.01, max=100.0, step=0.1,
+                               tooltip="Standard deviation in pixels (> 0; paper: 3.0)."),
+                io.Combo.Input("boundary", options=["reflect", "circular", "zero"], default="reflect",
+                               tooltip=BOUNDARY_TOOLTIP),
+            ],
+            outputs=[_operator_output()],
+        )
+
+    @classmethod
+    def execute(cls, kernel_size, sigma, boundary) -> io.NodeOutput:
+        return io.NodeOutput(Blur(gaussian_kernel(_odd_kernel_size(kernel_size), sigma), boundary))
+
+
+class PaperGaussianBlurOperator(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FlowDPSOperatorPaperGaussianBlur",
+            display_name="Gaussian blur operator (paper-compatible)",
+            category=CATEGORY_OPERATORS,
+            description="The official FlowDPS deblur_gauss operator, only to reproduce the paper's numbers: "
+                        "off-centre taps (a one-pixel shift), zero boundary, 1-D singular values below 0.03 "
+                        "set to zero. For real photos use the Gaussian blur operator.",
+            inputs=[
+                io.Int.Input("kernel_size", default=PAPER_GAUSSIAN_KERNEL_SIZE, min=1, max=255, step=2,
+                             tooltip=KERNEL_SIZE_TOOLTIP),
+                io.Float.Input("sigma", default=PAPER_GAUSSIAN_SIGMA, min=0.01, max=100.0, step=0.1,
+                               tooltip="Standard deviation in pixels (> 0; paper: 3.0)."),
+            ],
+            outputs=[_operator_output()],
+        )
+
+    @classmethod
+    def execute(cls, kernel_size, sigma) -> io.NodeOutput:
+        return io.NodeOutput(PaperGaussianBlur(_odd_kernel_size(kernel_size), sigma))
+
+
+class MotionBlurOperator(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FlowDPSOperatorMotionBlur",
+            display_name="Motion blur operator",
+            category=CATEGORY_OPERATORS,
+            description="Blur by a random camera-shake kernel (our own generator of the DPS/FlowDPS kind: size "
+                        "61, intensity 0.5 in the paper). The same seed gives the same kernel.",
+            inputs=[
+                io.Int.Input("kernel_size", default=MOTION_KERNEL_SIZE, min=3, max=255, step=2,
+                             tooltip=KERNEL_SIZE_TOOLTIP),
+                io.Float.Input("intensity", default=MOTION_INTENSITY, min=0.0, max=1.0, step=0.05,
+                               tooltip="How much the path wanders, 0 (straight) to 1 (shaky); paper: 0.5."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF,
+                             tooltip="Seed of the kernel's random path."),
+                io.Combo.Input("boundary", options=["reflect", "circular", "zero"], default="reflect",
+                               tooltip=BOUNDARY_TOOLTIP),
+            ],
+            outputs=[_operator_output(),
+                     io.Image.Output(display_name="kernel", tooltip="The kernel, scaled to peak white.")],
+        )
+
+    @classmethod
+    def execute(cls, kernel_size, intensity, seed, boundary) -> io.NodeOutput:
+        kernel = motion_kernel(_odd_kernel_size(kernel_size), intensity, torch.Generator().manual_seed(seed))
+        return io.NodeOutput(Blur(kernel, boundary), kernel_to_image(kernel))
+
+
+class KernelBlurOperator(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FlowDPSOperatorKernelBlur",
+            display_name="Blur operator (custom kernel)",
+            category=CATEGORY_OPERATORS,
+            description="Blur by your own kernel (point-spread function), given as an IMAGE (channels "
+                        "averaged, first image of a batch) or a MASK. Sizes must be odd; values must be >= 0; "
+                        "the kernel is normalised to sum 1.",
+            inputs=[
+                io.Image.Input("kernel_image", optional=True, tooltip="The kernel as an image (e.g. LoadImage)."),
+                io.Mask.Input("kernel_mask", optional=True, tooltip="The kernel as a MASK."),
+                io.Combo.Input("boundary", options=["reflect", "circular", "zero"], default="reflect",
+                               tooltip=BOUNDARY_TOOLTIP),
+            ],
+            outputs=[_operator_output(),
+                     io.Image.Output(display_name="kernel", tooltip="The normalised kernel, scaled to peak white.")],
+        )
+
+    @classmethod
+    def execute(cls, boundary, kernel_image=None, kernel_mask=None) -> io.NodeOutput:
+        kernel = kernel_from_inputs(kernel_image, kernel_mask)
+        return io.NodeOutput(Blur(kernel, boundary), kernel_to_image(kernel))
+
+
+class BoxInpaintOperator(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FlowDPSOperatorBoxInpaint",
+            display_name="Inpainting operator (box)",
+            category=CATEGORY_OPERATORS,
+            description="Hides a rectangle of an image of the given size (width x height must equal the image's). "
+                        "Outputs the MASK too (white = missing), in ComfyUI's convention.",
+            inputs=[
+                io.Int.Input("width", default=BOX_DEFAULT_SIZE, min=1, max=16384, tooltip="Image width."),
+                io.Int.Input("height", default=BOX_DEFAULT_SIZE, min=1, max=16384, tooltip="Image height."),
+                io.Int.Input("box_left", default=BOX_DEFAULT_SIZE // 4, min=0, max=16384,
+                             tooltip="Left column of the hidden box."),
+                io.Int.Input("box_top", default=BOX_DEFAULT_SIZE // 4, min=0, max=16384,
+                             tooltip="Top row of the hidden box."),
+                io.Int.Input("box_width", default=BOX_DEFAULT_SIZE // 2, min=1, max=16384,
+                             tooltip="Width of the hidden box."),
+                io.Int.Input("box_height", default=BOX_DEFAULT_SIZE // 2, min=1, max=16384,
+                             tooltip="Height of the hidden box."),
+            ],
+            outputs=[_operator_output(),
+                     io.Mask.Output(display_name="mask", tooltip="1 = missing (to be filled), 0 = known.")],
+        )
+
+    @classmethod
+    def execute(cls, width, height, box_left, box_top, box_width, box_height) -> io.NodeOutput:
+        keep = box_mask(height, width, box_top, box_left, box_height, box_width)
+        return io.NodeOutput(Inpainting(keep), keep_mask_from_comfy_mask(keep[:, 0]))
+
+
+class RandomInpaintOperator(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FlowDPSOperatorRandomInpaint",
+            display_name="Inpainting operator (random pixels)",
+            category=CATEGORY_OPERATORS,
+            description="Hides a random set of pixels (exactly round(ratio x width x height)) of an image of the "
+                        "given size, the same for every channel.",
+            inputs=[
+                io.Int.Input("width", default=BOX_DEFAULT_SIZE, min=1, max=16384, tooltip="Image width."),
+                io.Int.Input("height", default=BOX_DEFAULT_SIZE, min=1, max=16384, tooltip="Image height."),
+                io.Float.Input("missing_ratio", default=RANDOM_MISSING_RATIO, min=0.0, max=1.0, step=0.01,
+                               tooltip="Fraction of hidden pixels, 0 to 1."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, tooltip="Seed of the pixel choice."),
+            ],
+            outputs=[_operator_output(),
+                     io.Mask.Output(display_name="mask", tooltip="1 = missing (to be filled), 0 = known.")],
+        )
+
+    @classmethod
+    def execute(cls, width, height, missing_ratio, seed) -> io.NodeOutput:
+        keep = random_mask(height, width, missing_ratio, torch.Generator().manual_seed(seed))
+        return io.NodeOutput(Inpainting(keep), keep_mask_from_comfy_mask(keep[:, 0]))
+
+
+class MaskInpaintOperator(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FlowDPSOperatorMaskInpaint",
+            display_name="Inpainting operator (mask)",
+            category=CATEGORY_OPERATORS,
+            description="Inpainting with any ComfyUI MASK (e.g. painted in the mask editor of LoadImage): white "
+                        "(>= 0.5) = missing, to be filled; black = known. The mask must have the image's size.",
+            inputs=[
+                io.Mask.Input("mask", tooltip="1 = area to fill (ComfyUI's convention), 0 = keep."),
+                io.Boolean.Input("invert", default=False,
+                                 tooltip="Treat white as known instead (for masks drawn the other way)."),
+            ],
+            outputs=[_operator_output()],
+        )
+
+    @classmethod
+    def execute(cls, mask, invert) -> io.NodeOutput:
+        m = mask_to_batch(mask, name="mask").clone()
+        if m.numel() and (m.min() < 0 or m.max() > 1):
+            raise ValueError(f"mask values must be in [0, 1], got range [{m.min().item()}, {m.max().item()}]")
+        return io.NodeOutput(Inpainting(m if invert else keep_mask_from_comfy_mask(m)))
+
+
+class IdentityOperator(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FlowDPSOperatorIdentity",
+            display_name="Identity operator (denoising)",
+            category=CATEGORY_OPERATORS,
+            description="y = x: the photo is only noisy (denoising).",
+            inputs=[],
+            outputs=[_operator_output()],
+        )
+
+    @classmethod
+    def execute(cls) -> io.NodeOutput:
+        return io.NodeOutput(Identity())
+
+
+class GrayscaleOperator(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FlowDPSOperatorGrayscale",
+            display_name="Colour-to-grey operator (colourisation)",
+            category=CATEGORY_OPERATORS,
+            description="y = weighted sum of R, G, B: restoring colour to a grey photo. A grey measurement IMAGE "
+                        "is read as the mean of its channels.",
+            inputs=[io.Combo.Input("weights", options=list(GREY_WEIGHTS), default="mean",
+                                   tooltip="'mean': (R+G+B)/3 as the official repository; 'bt601': luma "
+                                           "0.299 R + 0.587 G + 0.114 B.")],
+            outputs=[_operator_output()],
+        )
+
+    @classmethod
+    def execute(cls, weights) -> io.NodeOutput:
+        if weights not in GREY_WEIGHTS:
+            raise ValueError(f"weights must be one of {list(GREY_WEIGHTS)}, got {weights!r}")
+        return io.NodeOutput(Grayscale(GREY_WEIGHTS[weights]))
+
+
+class ComposeOperators(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FlowDPSOperatorCompose",
+            display_name="Compose operators",
+            category=CATEGORY_OPERATORS,
+            description="Applies 'first', then 'then' (e.g. a Gaussian blur, then SR x4: a realistic camera).",
+            inputs=[
+                Operator.Input("first", tooltip="The degradation applied to the image first."),
+                Operator.Input("then", tooltip="The degradation applied to the result."),
+            ],
+            outputs=[_operator_output()],
+        )
+
+    @classmethod
+    def execute(cls, first, then) -> io.NodeOutput:
+        return io.NodeOutput(then @ first)
+
+
+OPERATOR_NODES = [
+    SuperResolutionAvgPool,
+    SuperResolutionBicubic,
+    GaussianBlurOperator,
+    PaperGaussianBlurOperator,
+    MotionBlurOperator,
+    KernelBlurOperator,
+    BoxInpaintOperator,
+    RandomInpaintOperator,
+    MaskInpaintOperator,
+    IdentityOperator,
+    GrayscaleOperator,
+    ComposeOperators,
+]
