@@ -6,8 +6,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 CACHE ?= .cache
 PYTEST_ARGS ?=
+DEMO_ARGS ?=
 
-.PHONY: setup test lint unit clean
+.PHONY: setup test lint unit clean demo
 
 setup:
 	@COMFYUI_PATH="$(COMFYUI_PATH)" VENV="$(abspath $(VENV))" CACHE="$(abspath $(CACHE))" bash flowdps_dev/setup.sh
@@ -17,6 +18,11 @@ lint: setup
 
 test: setup lint
 	source $(CACHE)/env.sh && FLOWDPS_REQUIRE_COMFY=1 $(PY) -m pytest $(PYTEST_ARGS)
+
+# FlowDPS SR x4 of a real photo through workflows/flowdps_sd3_superres_x4.json (tiny random models unless
+# DEMO_ARGS="--ckpt /path/to/sd3_medium_incl_clips.safetensors"); writes out/demo/. Options: --help.
+demo: setup
+	source $(CACHE)/env.sh && $(PY) flowdps_dev/demo.py $(DEMO_ARGS)
 
 clean:
 	rm -rf $(CACHE)/models $(CACHE)/env.sh .pytest_cache .ruff_cache

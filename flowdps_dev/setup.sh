@@ -25,6 +25,10 @@ log() { echo "[setup] $*"; }
 T_ALL=$(now)
 
 # 1. ComfyUI source tree ------------------------------------------------------------------------------
+# .cache/env.sh exports COMFYUI_PATH=$CACHE/ComfyUI: that is our own tree, not an external one
+if [ -n "${COMFYUI_PATH:-}" ] && [ -d "$COMFYUI_PATH" ] && [ "$(cd "$COMFYUI_PATH" && pwd)" = "$(mkdir -p "$CACHE" && cd "$CACHE" && pwd)/ComfyUI" ]; then
+  unset COMFYUI_PATH
+fi
 if [ -n "${COMFYUI_PATH:-}" ]; then
   COMFY=$(cd "$COMFYUI_PATH" && pwd)
   [ -f "$COMFY/main.py" ] && [ -f "$COMFY/nodes.py" ] || { log "COMFYUI_PATH=$COMFYUI_PATH is not a ComfyUI tree (no main.py/nodes.py)"; exit 2; }
@@ -75,6 +79,25 @@ PY
   rm -f "$VENV"/.flowdps-*
   touch "$VSTAMP"
   log "venv ready in $(elapsed "$T") s ($(du -sh "$VENV" | cut -f1))"
+fi
+
+# 2b. the demo's photograph (make demo): scikit-image's wheel ships CC0 / public-domain photos in
+# skimage/data/. The demo only reads those PNG files (located with importlib, opened with Pillow; skimage is
+# never imported), so the wheel goes in without its dependencies (imageio, tifffile, lazy-loader: used by
+# nothing here). Only our venv: with COMFYUI_PATH the external ComfyUI's own environment is not touched.
+SKIMAGE=$(sed -n -E 's/^scikit-image==([^ ;#]+).*/\1/p' "$ROOT/flowdps_dev/constraints.txt" | head -1)
+PSTAMP=$VENV/.photo-scikit-image-$SKIMAGE
+if [ ! -f "$PSTAMP" ] || ! compgen -G "$VENV/lib/python3*/site-packages/skimage/data/chelsea.png" > /dev/null; then
+  T=$(now)
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps -c "$PINS" "scikit-image==$SKIMAGE" 2>&1 | grep -v "is ignored" || true
+  "$VENV/bin/python" - <<'PY' || { log "scikit-image==$SKIMAGE: its photos (skimage/data/chelsea.png) are missing"; exit 1; }
+import importlib.util, pathlib, sys
+spec = importlib.util.find_spec("skimage")  # locates the package without importing it
+sys.exit(not (spec and (pathlib.Path(spec.submodule_search_locations[0]) / "data" / "chelsea.png").is_file()))
+PY
+  rm -f "$VENV"/.photo-*
+  touch "$PSTAMP"
+  log "demo photo package scikit-image $SKIMAGE installed in $(elapsed "$T") s"
 fi
 
 # 3. the pack, linked into custom_nodes exactly where a user's git clone would be ---------------------

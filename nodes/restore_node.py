@@ -16,7 +16,7 @@ from comfy_api.latest import io
 
 from ..samplers import FlowChefConfig, FlowDPSConfig
 from .common import CATEGORY_ROOT
-from .sampler_nodes import Operator, data_inputs, make_problem, step_schedule
+from .sampler_nodes import STEP_SIZE_NOTE, Operator, data_inputs, make_problem, step_schedule
 from .sampling import sample_posterior
 
 logger = logging.getLogger(__name__)
@@ -101,7 +101,7 @@ class FlowDPSRestore(io.ComfyNode):
                 io.Int.Input("dc_steps", default=3, min=1, max=50,
                              tooltip="FlowDPS: gradient steps per sampling step (paper: 3)."),
                 io.Float.Input("step_size", default=15.0, min=0.0, max=1000.0, step=0.1,
-                               tooltip="Data-consistency step size (paper: 15)."),
+                               tooltip=("Data-consistency step size (paper: 15). " + STEP_SIZE_NOTE)),
                 io.Float.Input("step_size_end", default=-1.0, min=-1.0, max=1000.0, step=0.1,
                                tooltip="Step size at the last step (linear ramp); -1 keeps it constant."),
                 *data_inputs(),

@@ -20,6 +20,8 @@ RESIDUAL_TOOLTIP = ("Space of the data-consistency residual: 'auto' = pseudo-inv
                     "'measurement' ||y - Ax|| (the paper-compatible choice for motion blur).")
 NORM_TOOLTIP = ("'paper': the un-squared Euclidean norm of the residual (official FlowDPS); 'squared': "
                 "||r||^2 / (2 sigma_y^2), the Gaussian log-likelihood (use a much smaller step size).")
+STEP_SIZE_NOTE = ("With the paper norm the step is a distance in latent space tuned for 768 px SD3 latents: other "
+                  "sizes, tasks or the squared norm need another value.")
 SIGMA_Y_TOOLTIP = ("Measurement noise std on the [0, 1] image scale (only used by the 'squared' norm). The paper "
                    "simulates 0.03 on the [-1, 1] scale, i.e. 0.015 here.")
 
@@ -75,7 +77,7 @@ class FlowDPSSampler(io.ComfyNode):
                 io.Int.Input("dc_steps", default=3, min=1, max=50,
                              tooltip="K: gradient steps on the clean-latent estimate per sampling step (paper: 3)."),
                 io.Float.Input("step_size", default=15.0, min=0.0, max=1000.0, step=0.1,
-                               tooltip="Data-consistency step size at the first step (paper: 15)."),
+                               tooltip=("Data-consistency step size at the first step (paper: 15). " + STEP_SIZE_NOTE)),
                 io.Float.Input("step_size_end", default=-1.0, min=-1.0, max=1000.0, step=0.1,
                                tooltip="Step size at the last step (linear ramp); -1 keeps it constant "
                                        "(paper). Later work found a decreasing step better."),
@@ -110,7 +112,7 @@ class FlowChefSampler(io.ComfyNode):
             inputs=[
                 *common_inputs(),
                 io.Float.Input("step_size", default=15.0, min=0.0, max=1000.0, step=0.1,
-                               tooltip="Gradient step size (the repository's solve.py passes 15)."),
+                               tooltip=("Gradient step size (the repository's solve.py passes 15). " + STEP_SIZE_NOTE)),
                 *data_inputs(),
             ],
             outputs=[io.Sampler.Output()],
