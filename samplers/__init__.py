@@ -25,6 +25,7 @@ paper's 15 is tuned for SD3 latents of 768 x 768 images; with ``"squared"`` it i
 ``step_size * ||A||^2 / sigma_y^2 < 2``.
 """
 
+from .afdps import AFDPSConfig, AFDPSResult, AFDPSStepInfo, sample_afdps
 from .data_term import measurement_loss
 from .flow import (
     interpolate,
@@ -46,10 +47,22 @@ from .flowdps import (
     sample_flow_posterior,
 )
 from .schedules import Schedule
+from .smc import (
+    effective_sample_size,
+    multinomial_resample,
+    normalize_log_weights,
+    quarantine,
+    resample,
+    reweight,
+    systematic_resample,
+)
 from .types import DataLoss, Denoiser, StepInfo
 
 __all__ = [
     "DEFAULT_SEED",
+    "AFDPSConfig",
+    "AFDPSResult",
+    "AFDPSStepInfo",
     "DataLoss",
     "Denoiser",
     "FlowChefConfig",
@@ -60,12 +73,20 @@ __all__ = [
     "check_sigmas",
     "data_consistency",
     "data_gradient",
+    "effective_sample_size",
     "fresh_noise",
     "interpolate",
     "measurement_loss",
+    "multinomial_resample",
     "noise_from_velocity",
     "noise_from_x0",
+    "normalize_log_weights",
+    "quarantine",
+    "resample",
+    "reweight",
+    "sample_afdps",
     "sample_flow_posterior",
+    "systematic_resample",
     "velocity_from_x0",
     "x0_from_noise",
     "x0_from_velocity",

@@ -20,7 +20,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["GaussianMixture", "gaussian_log_prob", "moment_errors", "shifted_sigmas"]
+__all__ = [
+    "GaussianMixture",
+    "gaussian_log_prob",
+    "log_marginal_likelihood",
+    "moment_errors",
+    "shifted_sigmas",
+    "sliced_wasserstein",
+    "weighted_moment_errors",
+]
 
 
 def _f64(x) -> Tensor:
@@ -126,3 +134,41 @@ def moment_errors(samples: Tensor, mean: Tensor, cov: Tensor) -> tuple[float, fl
     x = samples.reshape(samples.shape[0], -1).to(torch.float64)
     return (float(torch.linalg.vector_norm(x.mean(0) - mean)),
             float(torch.linalg.matrix_norm(torch.cov(x.T) - cov) / torch.linalg.matrix_norm(cov)))
+
+
+def weighted_moment_errors(samples: Tensor, weights: Tensor, mean: Tensor, cov: Tensor) -> tuple[float, float]:
+    """Like :func:`moment_errors` for a weighted ensemble: samples (N, d), weights (N,) summing to 1.
+
+    Uses the weighted mean and the weighted (biased, ``sum w (x - m)(x - m)^T``) covariance; zero-weight
+    samples are ignored (they may hold any finite value)."""
+    x = samples.reshape(samples.shape[0], -1).to(torch.float64)
+    w = weights.to(torch.float64).reshape(-1)
+    m = w @ x
+    delta = x - m
+    c = (w[:, None] * delta).T @ delta
+    return (float(torch.linalg.vector_norm(m - mean)),
+            float(torch.linalg.matrix_norm(c - cov) / torch.linalg.matrix_norm(cov)))
+
+
+def sliced_wasserstein(a: Tensor, b: Tensor, *, n_projections: int = 256,
+                       generator: torch.Generator) -> float:
+    """Sliced 2-Wasserstein distance ``sqrt(mean_theta W2^2(theta.a, theta.b))`` between two equally sized
+    sample sets a, b: (N, d), over ``n_projections`` random unit directions (sorted 1-D couplings)."""
+    a = a.reshape(a.shape[0], -1).to(torch.float64)
+    b = b.reshape(b.shape[0], -1).to(torch.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"sliced_wasserstein needs equally sized sets, got {tuple(a.shape)} and {tuple(b.shape)}")
+    theta = torch.randn(a.shape[1], n_projections, generator=generator, dtype=torch.float64)
+    theta = theta / torch.linalg.vector_norm(theta, dim=0, keepdim=True)
+    pa, _ = torch.sort(a @ theta, dim=0)
+    pb, _ = torch.sort(b @ theta, dim=0)
+    return float((pa - pb).square().mean().sqrt())
+
+
+def log_marginal_likelihood(prior: GaussianMixture, matrix: Tensor, y: Tensor, sigma_y: float) -> float:
+    """Exact ``log p(y) = log sum_k pi_k N(y; A m_k, A S_k A^T + sigma_y^2 I)`` for ``y = A z0 + noise``."""
+    a = _f64(matrix)
+    y = _f64(y).reshape(-1)
+    pred_cov = a @ prior.covs @ a.T + sigma_y**2 * torch.eye(a.shape[0], dtype=torch.float64)
+    logp = torch.log(prior.weights) + gaussian_log_prob(y[None], prior.means @ a.T, pred_cov)[0]
+    return float(torch.logsumexp(logp, dim=0))
