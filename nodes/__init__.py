@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
+from .afdps_nodes import AFDPSRestore, AFDPSSampler
 from .info import FlowDPSInfo
 from .measurement_nodes import MEASUREMENT_NODES
 from .operator_nodes import OPERATOR_NODES
@@ -19,7 +20,8 @@ class FlowDPSExtension(ComfyExtension):
     """Registers every node of the pack with ComfyUI."""
 
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [FlowDPSInfo, *OPERATOR_NODES, *MEASUREMENT_NODES, FlowDPSSampler, FlowChefSampler, FlowDPSRestore]
+        return [FlowDPSInfo, *OPERATOR_NODES, *MEASUREMENT_NODES, FlowDPSSampler, FlowChefSampler, FlowDPSRestore,
+                AFDPSSampler, AFDPSRestore]
 
 
 __all__ = ["FlowDPSExtension"]
