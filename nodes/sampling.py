@@ -104,7 +104,7 @@ def build_data_loss(problem: RestorationProblem, decoder: GradDecoder, device: t
                             sigma_y=problem.sigma_y)
 
 
-def _make_room_for_decoder(vae: Any, device: torch.device) -> None:
+def make_room_for_decoder(vae: Any, device: torch.device) -> None:
     if device.type == "cpu":
         return
     params = sum(p.numel() for p in vae.first_stage_model.parameters())
@@ -130,7 +130,7 @@ def sample_posterior(model, x, sigmas, extra_args=None, callback=None, disable=N
         mm.throw_exception_if_processing_interrupted()
         return model(z, sigma, **extra_args)
 
-    _make_room_for_decoder(problem.vae, x.device)
+    make_room_for_decoder(problem.vae, x.device)
     decoder = GradDecoder(problem.vae, base.process_latent_out, device=x.device)
     try:
         data_loss = build_data_loss(problem, decoder, x.device)

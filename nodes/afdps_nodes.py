@@ -1,0 +1,363 @@
+"""AFDPS nodes: the ensemble (twisted-SMC) posterior sampler as a SAMPLER and as an all-in-one Restore node.
+
+AFDPS (samplers/afdps.py, afdps.md) moves ``P`` weighted particles per image. ComfyUI's KSAMPLER functions see
+one latent per image, so the bridge is a ``comfy.samplers.Sampler`` subclass (comfyui.md §g.6): for every batch
+item it builds ``P`` particles, runs :func:`~..samplers.sample_afdps` with ComfyUI's guider as the denoiser
+(all particles in one batched model call per step, CFG included) and returns one latent per batch item, so the
+batch size of the output is the input's.
+
+Particle noise: particle 0 of batch item ``b`` starts from the NOISE input's ``noise[b]``; particles 1..P-1 and
+all in-loop randomness (SDE noise, resampling, the ``sample`` draw) come from a ``torch.Generator`` on the
+sampling device seeded from the seed of the NOISE node / the Restore node and ``b`` (:func:`particle_seed`), so
+a seed reproduces a run exactly on one device. Batch items are sampled one after the other (independent ensembles).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from typing import Any
+
+import comfy.model_management as mm
+import comfy.sample
+import comfy.samplers
+import comfy.utils
+import latent_preview
+import torch
+from comfy_api.latest import io
+
+from ..samplers import AFDPSConfig, AFDPSResult, sample_afdps
+from .common import CATEGORY_ROOT, CATEGORY_SAMPLERS, Operator
+from .convert import pixels_to_image
+from .decoder import GradDecoder
+from .restore_node import fit_measurement, shifted_model
+from .sampler_nodes import make_problem
+from .sampling import RestorationProblem, check_flow_model, check_problem_fits, make_room_for_decoder
+
+logger = logging.getLogger(__name__)
+
+OUTPUTS = ("best", "mean", "sample")
+AFDPS_VARIANTS = ("sde",)  # the ODE variant of samplers/afdps.py works in pixel space only (no latents yet)
+DEFAULTS = AFDPSConfig()
+SEED_MODULUS = 2**64
+SEED_STRIDE = 0x9E3779B97F4A7C15  # odd 64-bit constant: distinct, well-spread seeds per batch item
+MAX_WEIGHTS_SHOWN = 16  # final weights listed in the report / log line
+
+SIGMA_Y_TOOLTIP = ("Measurement noise std on the [0, 1] image scale (the likelihood's sigma_y; converted x2 to the "
+                   "[-1, 1] scale). Smaller trusts the measurement more; a very large value switches the data "
+                   "term off (the prior alone).")
+PARTICLES_TOOLTIP = "Particles per image (afdps.md recommends >= 8 for SD3 at 768 px). Cost grows linearly."
+ETA_TOOLTIP = "eta_v in the SDE noise level V^2 = 2 eta_v s (afdps.md: 1). 0 is a deterministic move."
+ESS_TOOLTIP = ("Resample when the effective sample size drops below this fraction of the particles (afdps.md: "
+               "0.5; 1 resamples at every step, 0 never). Never after the last step.")
+KAPPA_TOOLTIP = ("Guidance factor kappa of the proposal drift (paper: 1). Any value keeps the weights exact; lower it "
+                 "(e.g. 0.1-0.3) when a small sigma_y makes the guided moves overshoot (stiffness, afdps.md §5 "
+                 "item 7); 0 is unguided importance sampling.")
+CHUNK_TOOLTIP = ("Particles per decoder forward + backward (the memory hog at SD3 resolutions; afdps.md: 1-4). "
+                 "0: all particles at once.")
+
+
+def make_config(eta: float, kappa: float, ess_threshold: float, chunk_size: int) -> AFDPSConfig:
+    """Validated AFDPS settings from node inputs (raises ValueError naming the value)."""
+    if chunk_size < 0:
+        raise ValueError(f"chunk_size must be >= 0 (0: all particles at once), got {chunk_size}")
+    return AFDPSConfig(eta_v=float(eta), kappa=float(kappa), resample_threshold=float(ess_threshold),
+                       chunk_size=int(chunk_size) or None)
+
+
+def make_afdps_problem(vae, operator, measurement, sigma_y: float) -> RestorationProblem:
+    """The measurement in the operator's space and sigma_y on the [-1, 1] scale (x2), validated."""
+    if not (math.isfinite(sigma_y) and sigma_y > 0):
+        raise ValueError(f"sigma_y must be > 0, got {sigma_y}")
+    return make_problem(vae, operator, measurement, "measurement", "squared", sigma_y)
+
+
+def particle_seed(seed: int, item: int) -> int:
+    """Seed of batch item ``item``'s particle generator: never ``seed`` itself, whose stream (on CPU) is the
+    NOISE input's (``prepare_noise``), so that particle 1 never starts from particle 0's noise."""
+    return (int(seed) + (item + 1) * SEED_STRIDE) % SEED_MODULUS
+
+
+class AFDPSEnsembleSampler(comfy.samplers.Sampler):
+    """``comfy.samplers.Sampler`` running AFDPS with ``n_particles`` particles per batch item.
+
+    Returns, per batch item, the ``output`` summary of its ensemble (best | mean | sample) in model space.
+    With ``keep_results`` the :class:`~..samplers.AFDPSResult` of every batch item of the last run is kept in
+    ``results`` (the Restore node reads the decoded particles, weights and ESS trace from there).
+    """
+
+    def __init__(self, problem: RestorationProblem, config: AFDPSConfig, n_particles: int, output: str = "best",
+                 *, keep_results: bool = False) -> None:
+        if output not in OUTPUTS:
+            raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+        if isinstance(n_particles, bool) or not isinstance(n_particles, int) or n_particles < 1:
+            raise ValueError(f"particles must be an integer >= 1, got {n_particles!r}")
+        if problem.sigma_y is None or not problem.sigma_y > 0:
+            raise ValueError(f"AFDPS needs sigma_y > 0, got {problem.sigma_y!r}")
+        self.problem = problem
+        self.config = config
+        self.n_particles = n_particles
+        self.output = output
+        self.keep_results = keep_results
+        self.results: list[AFDPSResult] = []
+
+    def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
+               disable_pbar=False):
+        """ComfyUI's sampler interface: ``model_wrap`` is the guider; noise: (B, C, h, w) raw N(0, I);
+        latent_image: (B, C, h, w) model space. Returns (B, C, h, w) in model space."""
+        extra_args = {} if extra_args is None else extra_args
+        base = model_wrap.inner_model
+        check_flow_model(base)
+        if denoise_mask is not None:
+            raise ValueError("AFDPS does not use a latent noise_mask: remove it from the latent and describe the "
+                             "missing region with an inpainting operator instead")
+        check_problem_fits(self.problem, noise.shape)
+        if latent_image is None:
+            latent_image = torch.zeros_like(noise)
+        sampling = base.model_sampling
+        device = noise.device
+        seed = int(extra_args.get("seed") or 0)
+        steps = len(sigmas) - 1
+        start = sampling.noise_scaling(sigmas[0], noise, latent_image, self.max_denoise(model_wrap, sigmas))
+
+        def denoise(z: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+            mm.throw_exception_if_processing_interrupted()
+            return model_wrap(z, sigma, **extra_args)
+
+        self.results = []
+        outputs = []
+        make_room_for_decoder(self.problem.vae, device)
+        decoder = GradDecoder(self.problem.vae, base.process_latent_out, device=device)
+        try:
+            forward = self.problem.operator.materialize(device=device, dtype=torch.float32).forward
+
+            def decode(z: torch.Tensor) -> torch.Tensor:
+                with torch.inference_mode(False):
+                    return decoder(z)
+
+            y_all = self.problem.measurement
+            for item in range(noise.shape[0]):
+                y = y_all[item if y_all.shape[0] > 1 else 0][None].to(device=device, dtype=torch.float32)
+                generator = torch.Generator(device=device).manual_seed(particle_seed(seed, item))
+                extra = torch.randn((self.n_particles - 1, *noise.shape[1:]), generator=generator, device=device,
+                                    dtype=noise.dtype)
+                extra = sampling.noise_scaling(sigmas[0], extra, latent_image[item:item + 1].expand_as(extra))
+                z = torch.cat([start[item:item + 1], extra])
+                result = sample_afdps(denoise, z, sigmas, forward=forward, y=y, sigma_y=self.problem.sigma_y,
+                                      decode=decode, config=self.config, generator=generator,
+                                      callback=_preview_callback(callback, steps))
+                logger.info("AFDPS item %d: %s", item, ensemble_summary(result))
+                if self.keep_results:
+                    self.results.append(result)
+                outputs.append(getattr(result, self.output))
+        finally:
+            decoder.release()
+        return sampling.inverse_noise_scaling(sigmas[-1], torch.cat(outputs))
+
+
+def _preview_callback(callback, total_steps: int):
+    """AFDPS step info -> ComfyUI's ``callback(i, x0, x, total)`` with the highest-weight particle.
+
+    The info's ``x``/``denoised`` are the particles before step i, whose weights are those reported at step
+    i - 1 (after any resampling; uniform at i = 0)."""
+    if callback is None:
+        return None
+    state: dict[str, Any] = {"log_weights": None}
+
+    def on_step(info) -> None:
+        previous = state["log_weights"]
+        best = 0 if previous is None else int(torch.argmax(previous))
+        state["log_weights"] = info["log_weights"]
+        callback(info["i"], info["denoised"][best:best + 1], info["x"][best:best + 1], total_steps)
+
+    return on_step
+
+
+def ensemble_summary(result: AFDPSResult) -> str:
+    """One line: ESS trace, resampling count, final weights (for logs and the report)."""
+    ess = " ".join(f"{float(e):.2f}" for e in result.ess)
+    shown = result.weights[:MAX_WEIGHTS_SHOWN]
+    weights = " ".join(f"{float(w):.3f}" for w in shown) + (" ..." if len(result.weights) > len(shown) else "")
+    return (f"ESS trace [{ess}] of {result.particles.shape[0]}; resampled {result.n_resampled} times; "
+            f"final weights [{weights}]; best particle {result.best_index}")
+
+
+HEAT_ANCHORS = ((0.0, 0.0, 0.02), (0.34, 0.06, 0.42), (0.73, 0.21, 0.33), (0.98, 0.55, 0.04), (0.99, 1.0, 0.64))
+
+
+def heat_map(u: torch.Tensor) -> torch.Tensor:
+    """(B, H, W) values in [0, 1] -> ComfyUI IMAGE (B, H, W, 3), an inferno-like colour scale (dark = low)."""
+    anchors = torch.tensor(HEAT_ANCHORS, dtype=torch.float32)
+    pos = u.float().clamp(0, 1) * (len(HEAT_ANCHORS) - 1)
+    lo = pos.floor().long().clamp(max=len(HEAT_ANCHORS) - 2)
+    frac = (pos - lo.float())[..., None]
+    return (anchors[lo] * (1 - frac) + anchors[lo + 1] * frac).contiguous()
+
+
+def uncertainty(result: AFDPSResult) -> tuple[torch.Tensor, float]:
+    """Weighted per-pixel std of the decoded particles, averaged over colour channels, on the [0, 1] image
+    scale: (1, H, W) scaled to [0, 1] by its maximum (all zeros when the particles agree), and the maximum."""
+    std = result.image_std.float().mean(dim=1) / 2.0  # [-1, 1] -> [0, 1] scale
+    peak = float(std.max())
+    scaled = std / peak if peak > 0 else torch.zeros_like(std)
+    return scaled.cpu(), peak
+
+
+def restore_report(results: list[AFDPSResult], residuals: list[tuple[float, float]], *, particles: int,
+                   steps: int, sigma_y: float) -> str:
+    lines = [f"AFDPS: {particles} particles, {steps} steps, sigma_y {sigma_y:g} ([0, 1] scale)"]
+    for item, (result, (r_best, r_mean)) in enumerate(zip(results, residuals, strict=True)):
+        lines.append(f"image {item}: {ensemble_summary(result)}")
+        lines.append(f"  ||A x - y||: best {r_best:.4g}, mean {r_mean:.4g}; log evidence {result.log_evidence:.4g}")
+    return "\n".join(lines)
+
+
+class AFDPSSampler(io.ComfyNode):
+    """AFDPS as a SAMPLER for SamplerCustomAdvanced."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="AFDPSSampler",
+            display_name="AFDPS Sampler",
+            category=CATEGORY_SAMPLERS,
+            description=(
+                "AFDPS ensemble posterior sampler (arXiv 2506.03979, rectified-flow form of afdps.md) for "
+                "SamplerCustomAdvanced: every image gets its own P weighted particles, moved by a guided SDE with "
+                "exact twisted-SMC weights and resampled when the ESS drops. Each output batch item is the best "
+                "particle, the weighted mean latent or one weighted draw. Use an SD3-family model, a SIGMAS "
+                "schedule ending at 0, CFG 1-2. Costs P model calls per step and image."
+            ),
+            inputs=[
+                io.Vae.Input("vae", tooltip="The model's VAE; a private copy of its decoder is differentiated."),
+                Operator.Input("operator", tooltip="The degradation that produced the measurement (operator nodes)."),
+                io.Image.Input("measurement", tooltip="The degraded photo (the operator's output size)."),
+                io.Int.Input("particles", default=8, min=1, max=256, tooltip=PARTICLES_TOOLTIP),
+                io.Combo.Input("variant", options=list(AFDPS_VARIANTS), default="sde",
+                               tooltip="sde: guided Euler-Maruyama with W2 weights (the recommended variant; the "
+                                       "ODE variant does not support latent models yet)."),
+                io.Float.Input("eta", default=DEFAULTS.eta_v, min=0.0, max=10.0, step=0.05, tooltip=ETA_TOOLTIP),
+                io.Float.Input("kappa", default=DEFAULTS.kappa, min=0.0, max=10.0, step=0.05, tooltip=KAPPA_TOOLTIP),
+                io.Float.Input("ess_threshold", default=DEFAULTS.resample_threshold, min=0.0, max=1.0, step=0.05,
+                               tooltip=ESS_TOOLTIP),
+                io.Int.Input("chunk_size", default=DEFAULTS.chunk_size, min=0, max=256, tooltip=CHUNK_TOOLTIP),
+                io.Float.Input("sigma_y", default=0.015, min=0.0001, max=1000.0, step=0.001,
+                               tooltip=SIGMA_Y_TOOLTIP),
+                io.Combo.Input("output", options=list(OUTPUTS), default="best",
+                               tooltip="What each batch item becomes: 'best' the highest-weight particle (the "
+                                       "paper's choice), 'mean' the weighted mean latent, 'sample' one draw from "
+                                       "the weighted ensemble (a posterior sample)."),
+            ],
+            outputs=[io.Sampler.Output()],
+        )
+
+    @classmethod
+    def execute(cls, vae, operator, measurement, particles, variant, eta, kappa, ess_threshold, chunk_size, sigma_y,
+                output) -> io.NodeOutput:
+        if variant not in AFDPS_VARIANTS:
+            raise ValueError(f"variant must be one of {AFDPS_VARIANTS}, got {variant!r}")
+        if output not in OUTPUTS:
+            raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+        problem = make_afdps_problem(vae, operator, measurement, sigma_y)
+        config = dataclasses.replace(make_config(eta, kappa, ess_threshold, chunk_size), variant=variant)
+        return io.NodeOutput(AFDPSEnsembleSampler(problem, config, int(particles), output))
+
+
+class AFDPSRestore(io.ComfyNode):
+    """Restore a degraded photo with AFDPS in one node, with the ensemble and its uncertainty."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="AFDPSRestore",
+            display_name="AFDPS Restore",
+            category=CATEGORY_ROOT,
+            description=(
+                "Restores a degraded photo (super-resolution, deblurring, inpainting) with an SD3-family model by "
+                "AFDPS ensemble posterior sampling (arXiv 2506.03979): P weighted particles per photo. Outputs the "
+                "best particle, the weighted mean, all particles (best first), the per-pixel posterior spread "
+                "(heat map and mask) and a text report. The output size follows from the operator and the "
+                "measurement and must be a multiple of 16 pixels (otherwise the measurement is cropped)."
+            ),
+            inputs=[
+                io.Model.Input("model", tooltip="A rectified-flow model (SD3, SD3.5) from ComfyUI's loaders."),
+                io.Conditioning.Input("positive", tooltip="What the photo shows."),
+                io.Conditioning.Input("negative", tooltip="Negative prompt (ConditioningZeroOut for none)."),
+                io.Vae.Input("vae", tooltip="The model's VAE; a private copy of its decoder is differentiated."),
+                io.Image.Input("measurement", tooltip="The degraded photo."),
+                Operator.Input("operator", tooltip="The degradation that produced the photo (operator nodes)."),
+                io.Int.Input("particles", default=8, min=1, max=256, tooltip=PARTICLES_TOOLTIP),
+                io.Int.Input("steps", default=28, min=1, max=1000, tooltip="Sampling steps."),
+                io.Float.Input("cfg", default=2.0, min=0.0, max=30.0, step=0.1,
+                               tooltip="Classifier-free guidance scale (afdps.md: 1-2; 1 keeps the weights exact)."),
+                io.Float.Input("shift", default=4.0, min=0.01, max=100.0, step=0.01,
+                               tooltip="Time shift of the flow schedule for this run only (SD3's default is 3.0)."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="Seed of the particles' noise, the SDE noise and the resampling."),
+                io.Float.Input("eta", default=DEFAULTS.eta_v, min=0.0, max=10.0, step=0.05, tooltip=ETA_TOOLTIP),
+                io.Float.Input("kappa", default=DEFAULTS.kappa, min=0.0, max=10.0, step=0.05, tooltip=KAPPA_TOOLTIP),
+                io.Float.Input("ess_threshold", default=DEFAULTS.resample_threshold, min=0.0, max=1.0, step=0.05,
+                               tooltip=ESS_TOOLTIP),
+                io.Int.Input("chunk_size", default=DEFAULTS.chunk_size, min=0, max=256, tooltip=CHUNK_TOOLTIP),
+                io.Float.Input("sigma_y", default=0.015, min=0.0001, max=1000.0, step=0.001,
+                               tooltip=SIGMA_Y_TOOLTIP),
+            ],
+            outputs=[
+                io.Image.Output(display_name="best", tooltip="The highest-weight particle, decoded."),
+                io.Image.Output(display_name="mean", tooltip="Weighted mean of the decoded particles (MMSE-like)."),
+                io.Image.Output(display_name="particles",
+                                tooltip="All decoded particles, P per photo, ordered by weight (best first)."),
+                io.Image.Output(display_name="uncertainty",
+                                tooltip="Heat map of the weighted per-pixel std of the particles (scaled to its "
+                                        "maximum; bright = uncertain)."),
+                io.Mask.Output(display_name="uncertainty_mask",
+                               tooltip="The per-pixel std scaled to [0, 1] by its maximum."),
+                io.String.Output(display_name="report",
+                                 tooltip="ESS trace, resampling count, final weights and residuals."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, positive, negative, vae, measurement, operator, particles, steps, cfg, shift, seed,
+                eta, kappa, ess_threshold, chunk_size, sigma_y) -> io.NodeOutput:
+        if not shift > 0:
+            raise ValueError(f"shift must be > 0, got {shift}")
+        problem = make_afdps_problem(vae, operator, measurement, sigma_y)
+        config = make_config(eta, kappa, ess_threshold, chunk_size)
+        y, image_shape = fit_measurement(operator, problem.measurement)
+        problem = dataclasses.replace(problem, measurement=y)
+
+        patched = shifted_model(model, shift)
+        check_flow_model(patched.model)
+        channels = patched.get_model_object("latent_format").latent_channels
+        ratio = vae.upscale_ratio
+        latent = torch.zeros(y.shape[0], channels, image_shape[2] // ratio, image_shape[3] // ratio)
+        check_problem_fits(problem, latent.shape)
+        sampler = AFDPSEnsembleSampler(problem, config, int(particles), "best", keep_results=True)
+        noise = comfy.sample.prepare_noise(latent, seed)
+        sigmas = comfy.samplers.calculate_sigmas(patched.get_model_object("model_sampling"), "simple", steps)
+        guider = comfy.samplers.CFGGuider(patched)
+        guider.set_conds(positive, negative)
+        guider.set_cfg(cfg)
+        callback = latent_preview.prepare_callback(patched, steps)
+        guider.sample(noise, latent, sampler, sigmas, callback=callback,
+                      disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
+
+        results = sampler.results
+        sampler.results = []
+        best, mean, ensemble, masks, residuals = [], [], [], [], []
+        for item, result in enumerate(results):
+            images = result.images.float().cpu()
+            order = torch.argsort(result.weights.cpu(), descending=True, stable=True)
+            best.append(images[result.best_index][None])
+            mean.append(result.image_mean.float().cpu())
+            ensemble.append(images[order])
+            masks.append(uncertainty(result)[0])
+            y_item = y[item if y.shape[0] > 1 else 0][None].float().cpu()
+            residuals.append(tuple(float(torch.linalg.vector_norm(operator.forward(x) - y_item))
+                                   for x in (best[-1], mean[-1])))
+        mask = torch.cat(masks)
+        report = restore_report(results, residuals, particles=int(particles), steps=steps, sigma_y=sigma_y)
+        return io.NodeOutput(pixels_to_image(torch.cat(best)), pixels_to_image(torch.cat(mean)),
+                             pixels_to_image(torch.cat(ensemble)), heat_map(mask), mask, report)

@@ -1,0 +1,270 @@
+"""AFDPS nodes (AFDPSSampler in SamplerCustomAdvanced, AFDPSRestore) run headless through ComfyUI on the tiny
+models with the real operator nodes: output shapes, resampling and its report, reproducible seeds, a lower
+measurement residual than with the data term switched off, clear errors, progress and interruption."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from flowdps_dev import graphs
+
+pytestmark = pytest.mark.comfy
+
+SIZE = 32
+PARTICLES = 4
+STEPS = 3
+PHOTO = "afdps_task_photo.png"
+SIGMA_Y = 0.05
+KAPPA = 0.2  # kappa 1 overshoots with the tiny random decoder (stiffness); any kappa keeps the weights exact
+NO_DATA = 1000.0  # sigma_y so large that the likelihood (and its guidance) is negligible: the prior alone
+RATIO = 0.95  # measured (seed 0, 3 steps): best 0.89, mean 0.88 on both tasks; kappa 0.1-0.3, seeds 0-2: 0.85-0.94
+
+TASKS = {
+    "sr_bicubic_x2": ("FlowDPSOperatorSRBicubic", {"factor": 2}, SIZE // 2),
+    "box_inpaint": ("FlowDPSOperatorBoxInpaint", {"width": SIZE, "height": SIZE, "box_left": 8, "box_top": 8,
+                                                  "box_width": 16, "box_height": 16}, SIZE),
+}
+
+
+@pytest.fixture(scope="module")
+def photo(comfy) -> str:
+    g = torch.Generator().manual_seed(3)
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, SIZE), torch.linspace(0, 1, SIZE), indexing="ij")
+    image = torch.stack([xx, yy, (xx - yy).abs()], dim=-1) * 0.8 + 0.2 * torch.rand(SIZE, SIZE, 3, generator=g)
+    Image.fromarray((image.clamp(0, 1).numpy() * 255).round().astype(np.uint8)).save(comfy.input_dir / PHOTO)
+    return PHOTO
+
+
+def loaders(g: graphs.GraphBuilder):
+    model = g.add("UNETLoader", "loader", unet_name=graphs.TINY_UNET, weight_dtype="default").out()
+    clip = g.add("CLIPLoader", "clip", clip_name=graphs.TINY_CLIP_L, type="sd3", device="default").out()
+    vae = g.add("VAELoader", "vae", vae_name=graphs.TINY_VAE).out()
+    pos = g.add("CLIPTextEncode", "positive", clip=clip, text="a photo").out()
+    neg = g.add("ConditioningZeroOut", "negative", conditioning=pos).out()
+    return model, vae, pos, neg
+
+
+def measurement(g: graphs.GraphBuilder, task: str):
+    op_class, op_inputs, _ = TASKS[task]
+    image = g.add("LoadImage", "photo", image=PHOTO).out()
+    op = g.add(op_class, "op", **op_inputs).out()
+    y = g.add("FlowDPSSimulateMeasurement", "sim", image=image, operator=op, sigma_y=0.01, seed=0).out()
+    return op, y
+
+
+def restore_graph(task: str, *, seed: int = 0, steps: int = STEPS, sigma_y: float = SIGMA_Y,
+                  ess_threshold: float = 1.0, kappa: float = KAPPA) -> dict:
+    g = graphs.GraphBuilder()
+    model, vae, pos, neg = loaders(g)
+    op, y = measurement(g, task)
+    g.add("AFDPSRestore", "restore", model=model, positive=pos, negative=neg, vae=vae, measurement=y, operator=op,
+          particles=PARTICLES, steps=steps, cfg=1.5, shift=3.0, seed=seed, eta=1.0, kappa=kappa, ess_threshold=ess_threshold,
+          chunk_size=2, sigma_y=sigma_y)
+    g.add("PreviewImage", "preview", images=["restore", 0])
+    return g.build()
+
+
+def sampler_graph(task: str, *, seed: int = 0, sigma_y: float = SIGMA_Y, output: str = "best", batch: int = 1,
+                  width: int = SIZE, kappa: float = KAPPA) -> dict:
+    g = graphs.GraphBuilder()
+    model, vae, pos, neg = loaders(g)
+    model = g.add("ModelSamplingSD3", "shift", model=model, shift=3.0).out()
+    op, y = measurement(g, task)
+    guider = g.add("CFGGuider", "guider", model=model, positive=pos, negative=neg, cfg=1.5).out()
+    sampler = g.add("AFDPSSampler", "afdps", vae=vae, operator=op, measurement=y, particles=PARTICLES,
+                    variant="sde", eta=1.0, kappa=kappa, ess_threshold=1.0, chunk_size=0, sigma_y=sigma_y, output=output).out()
+    sigmas = g.add("BasicScheduler", "sigmas", model=model, scheduler="simple", steps=STEPS, denoise=1.0).out()
+    noise = g.add("RandomNoise", "noise", noise_seed=seed).out()
+    latent = g.add("EmptySD3LatentImage", "latent", width=width, height=SIZE, batch_size=batch).out()
+    out = g.add("SamplerCustomAdvanced", "sampler", noise=noise, guider=guider, sampler=sampler, sigmas=sigmas,
+                latent_image=latent)
+    g.add("VAEDecode", "restore", samples=out.out(0), vae=vae)
+    g.add("PreviewImage", "preview", images=["restore", 0])
+    return g.build()
+
+
+def residual(result, node: str = "restore", index: int = 0) -> float:
+    """||A x - y|| per image (mean over the batch) of an IMAGE output, with the graph's operator and y."""
+    op = result.output("op")
+    x = result.output(node, index).movedim(-1, 1) * 2 - 1
+    y = result.output("sim").movedim(-1, 1) * 2 - 1
+    r = (op.forward(x) - y).flatten(1)
+    return float(torch.linalg.vector_norm(r, dim=1).mean())
+
+
+@pytest.mark.parametrize("task", list(TASKS))
+def test_restore_outputs_and_residual(comfy, photo, task):
+    """All outputs have the documented shapes, resampling happens (ESS threshold 1) and is reported, and the
+    best and mean images fit the measurement better than the same run with the data term off."""
+    ours = comfy.run(restore_graph(task), fresh=True).raise_for_error()
+    best, mean, particles, heat, mask, report = (ours.output("restore", i) for i in range(6))
+    assert tuple(best.shape) == tuple(mean.shape) == (1, SIZE, SIZE, 3)
+    assert tuple(particles.shape) == (PARTICLES, SIZE, SIZE, 3)
+    assert tuple(heat.shape) == (1, SIZE, SIZE, 3)
+    assert tuple(mask.shape) == (1, SIZE, SIZE)
+    for image in (best, mean, particles, heat, mask):
+        assert torch.isfinite(image).all()
+        assert float(image.min()) >= 0.0
+        assert float(image.max()) <= 1.0
+    assert float(mask.max()) in (0.0, pytest.approx(1.0))  # scaled to its max; 0 when one particle has all weight
+    torch.testing.assert_close(best, particles[:1], rtol=0, atol=0)  # particles come best first
+    n_resampled = int(re.search(r"resampled (\d+) times", report).group(1))
+    assert n_resampled == STEPS - 1  # threshold 1: after every step but the last
+    assert "ESS trace [4.00" in report
+    assert "final weights [" in report
+
+    plain = comfy.run(restore_graph(task, sigma_y=NO_DATA), fresh=True).raise_for_error()
+    assert "resampled 0 times" in plain.output("restore", 5)  # uniform weights: the particles all count
+    assert float(plain.output("restore", 4).max()) == pytest.approx(1.0)
+    assert float(plain.output("restore", 3).std()) > 1e-3
+    for index, name in ((0, "best"), (1, "mean")):
+        r_ours, r_plain = residual(ours, index=index), residual(plain, index=index)
+        assert r_ours < RATIO * r_plain, (task, name, r_ours, r_plain)
+
+
+def test_restore_same_seed_reproduces(comfy, photo):
+    a = comfy.run(restore_graph("sr_bicubic_x2", seed=7), fresh=True).raise_for_error()
+    b = comfy.run(restore_graph("sr_bicubic_x2", seed=7), fresh=True).raise_for_error()
+    c = comfy.run(restore_graph("sr_bicubic_x2", seed=8), fresh=True).raise_for_error()
+    for index in range(5):
+        torch.testing.assert_close(a.output("restore", index), b.output("restore", index), rtol=0, atol=0)
+    assert a.output("restore", 5) == b.output("restore", 5)
+    assert (a.output("restore", 2) - c.output("restore", 2)).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("task", list(TASKS))
+def test_sampler_node_lowers_the_residual(comfy, photo, task):
+    ours = comfy.run(sampler_graph(task), fresh=True).raise_for_error()
+    plain = comfy.run(sampler_graph(task, sigma_y=NO_DATA), fresh=True).raise_for_error()
+    assert tuple(ours.output("sampler")["samples"].shape) == (1, 16, SIZE // 8, SIZE // 8)
+    r_ours, r_plain = residual(ours), residual(plain)
+    assert r_ours < RATIO * r_plain, (task, r_ours, r_plain)
+
+
+def test_sampler_node_keeps_the_batch_and_reproduces(comfy, photo):
+    """Batch 2 gives 2 latents (one ensemble each); every output mode runs; a seed reproduces exactly."""
+    outs = {}
+    for output in ("mean", "sample"):
+        result = comfy.run(sampler_graph("sr_bicubic_x2", output=output, batch=2, seed=4), fresh=True)
+        outs[output] = result.raise_for_error().output("sampler")["samples"]
+        assert tuple(outs[output].shape) == (2, 16, SIZE // 8, SIZE // 8)
+        assert torch.isfinite(outs[output]).all()
+        assert (outs[output][0] - outs[output][1]).abs().max() > 1e-3  # independent ensembles
+    again = comfy.run(sampler_graph("sr_bicubic_x2", output="sample", batch=2, seed=4), fresh=True)
+    torch.testing.assert_close(again.raise_for_error().output("sampler")["samples"], outs["sample"], rtol=0, atol=0)
+    other = comfy.run(sampler_graph("sr_bicubic_x2", output="sample", batch=2, seed=5), fresh=True)
+    assert (other.raise_for_error().output("sampler")["samples"] - outs["sample"]).abs().max() > 1e-3
+
+
+def test_sampler_latent_that_does_not_fit_is_a_clear_error(comfy, photo):
+    result = comfy.run(sampler_graph("sr_bicubic_x2", width=48), fresh=True)
+    assert not result.success
+    assert result.error.node_id == "sampler"
+    assert "measurement is 16x16" in result.error.message
+    assert "maps that to 24x16" in result.error.message
+
+
+def test_restore_measurement_that_does_not_fit_the_operator_is_a_clear_error(comfy, photo):
+    prompt = restore_graph("box_inpaint")
+    prompt["op2"] = {"class_type": "FlowDPSOperatorBoxInpaint",
+                     "inputs": {"width": 48, "height": 48, "box_left": 8, "box_top": 8, "box_width": 16,
+                                "box_height": 16}}
+    prompt["restore"]["inputs"]["operator"] = ["op2", 0]
+    result = comfy.run(prompt, fresh=True)
+    assert not result.success
+    assert result.error.node_id == "restore"
+    assert "32x32" in result.error.message
+    assert "48" in result.error.message
+
+
+def test_bad_widget_values_are_rejected(comfy, photo):
+    result = comfy.run(sampler_graph("sr_bicubic_x2", output="all"), fresh=True)
+    assert not result.success
+    assert "output must be one of" in result.error.message
+
+
+class ProgressProbe:
+    def __init__(self, interrupt_at: int | None = None) -> None:
+        self.values: list[tuple[int, int]] = []
+        self.previews = 0
+        self.interrupt_at = interrupt_at
+
+    def __call__(self, value, total, preview, prompt_id=None, node_id=None):
+        import comfy.model_management as mm
+
+        self.values.append((value, total))
+        self.previews += preview is not None
+        if self.interrupt_at is not None and value >= self.interrupt_at:
+            mm.interrupt_current_processing(True)
+
+
+@pytest.fixture
+def progress(comfy):
+    import comfy.utils
+    from comfy.cli_args import LatentPreviewMethod, args
+
+    method = args.preview_method
+    args.preview_method = LatentPreviewMethod.Latent2RGB
+
+    def install(interrupt_at: int | None = None) -> ProgressProbe:
+        probe = ProgressProbe(interrupt_at)
+        comfy.utils.set_progress_bar_global_hook(probe)
+        return probe
+
+    yield install
+    comfy.utils.set_progress_bar_global_hook(None)
+    args.preview_method = method
+
+
+def test_restore_progress_previews_interruption_and_decoder_release(comfy, photo, progress, monkeypatch):
+    """Progress and a preview every step; an interrupt stops at the next step; the private decoder copy is
+    released after a run, also an interrupted one."""
+    import sys
+
+    import comfy.model_management as mm
+
+    module = sys.modules[comfy.node_classes["AFDPSRestore"].__module__]
+    decoders = []
+
+    class RecordingDecoder(module.GradDecoder):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            decoders.append(self)
+
+    monkeypatch.setattr(module, "GradDecoder", RecordingDecoder)
+    probe = progress()
+    comfy.run(restore_graph("sr_bicubic_x2", steps=4), fresh=True).raise_for_error()
+    assert [v for v, total in probe.values if total == 4] == [1, 2, 3, 4]
+    assert probe.previews >= 4
+    assert len(decoders) == 1
+    assert decoders[0].module is None
+
+    probe = progress(interrupt_at=2)
+    result = comfy.run(restore_graph("sr_bicubic_x2", steps=40), fresh=True)
+    mm.interrupt_current_processing(False)
+    assert not result.success
+    assert result.error.exception_type.endswith("InterruptProcessingException")
+    assert max(v for v, total in probe.values if total == 40) <= 3
+    assert len(decoders) == 2
+    assert decoders[1].module is None
+
+
+def test_particles_do_not_reuse_the_noise_inputs_stream(comfy):
+    """Particle 0 starts from the NOISE input (CPU stream of `seed`); the other particles' generator must not
+    replay that stream, or particle 1 would start where particle 0 does."""
+    import sys
+
+    from comfy.sample import prepare_noise
+
+    module = sys.modules[comfy.node_classes["AFDPSSampler"].__module__]
+    latent = torch.zeros(1, 16, 4, 4)
+    for seed in (0, 7, 2**64 - 1):
+        noise = prepare_noise(latent, seed)
+        for item in range(3):
+            generator = torch.Generator().manual_seed(module.particle_seed(seed, item))
+            assert not torch.equal(torch.randn(latent.shape, generator=generator), noise)
