@@ -1,0 +1,104 @@
+"""Generate NODES.md, the reference of every node of the pack, from the node schemas ComfyUI registers.
+
+Run ``python -m flowdps_dev.nodes_doc`` (after ``source .cache/env.sh``) to rewrite NODES.md; the test
+``tests/test_nodes_doc.py`` fails when the committed file is stale. The content is what ``GET /object_info``
+reports (display name, category, description, inputs in the editor's order with type, default, range, options
+and tooltip, outputs with tooltips), so it documents exactly what users see in the editor.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+NODES_MD = ROOT / "NODES.md"
+HEADER = """# Nodes
+
+Every node of comfyui-flowdps with its inputs (in the editor's order), defaults and outputs. Generated from the
+node schemas by `python -m flowdps_dev.nodes_doc`; do not edit by hand (`tests/test_nodes_doc.py` checks it).
+"""
+
+
+def _cell(text: Any) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _input_type(spec: Any) -> tuple[str, Mapping[str, Any]]:
+    kind = spec[0] if isinstance(spec, list | tuple) else spec
+    opts = spec[1] if isinstance(spec, list | tuple) and len(spec) > 1 and isinstance(spec[1], Mapping) else {}
+    if isinstance(kind, list | tuple):  # old-style combo: the options list is the type
+        return "COMBO", {**opts, "options": list(kind)}
+    return str(kind), opts
+
+
+def _default(kind: str, opts: Mapping[str, Any]) -> str:
+    parts = []
+    if "default" in opts:
+        parts.append(f"`{opts['default']!r}`")
+    if "min" in opts or "max" in opts:
+        parts.append(f"{opts.get('min', '')}..{opts.get('max', '')}")
+    if kind == "COMBO" and opts.get("options"):
+        parts.append("one of " + ", ".join(f"`{o}`" for o in opts["options"]))
+    return "; ".join(parts)
+
+
+def node_section(node_id: str, info: Mapping[str, Any]) -> str:
+    """The markdown section of one node from its ``/object_info`` entry."""
+    lines = [f"## {info.get('display_name') or node_id}", "",
+             f"`{node_id}` · category `{info.get('category', '')}`", "", _cell(info.get("description", "")), ""]
+    inputs, order = info.get("input", {}), info.get("input_order", {})
+    rows = []
+    for section in ("required", "optional"):
+        for name in order.get(section, list(inputs.get(section, {}))):
+            kind, opts = _input_type(inputs[section][name])
+            optional = " (optional)" if section == "optional" else ""
+            rows.append(f"| `{name}`{optional} | {kind} | {_cell(_default(kind, opts))} | "
+                        f"{_cell(opts.get('tooltip', ''))} |")
+    if rows:
+        lines += ["| input | type | default | tooltip |", "|---|---|---|---|", *rows, ""]
+    outputs = info.get("output", [])
+    names = info.get("output_name", outputs)
+    tips = info.get("output_tooltips") or [""] * len(outputs)
+    if outputs:
+        lines += ["| output | type | tooltip |", "|---|---|---|"]
+        lines += [f"| `{name}` | {kind} | {_cell(tip or '')} |" for name, kind, tip in zip(names, outputs, tips,
+                                                                                           strict=False)]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def render(node_ids: list[str], node_info: Callable[[str], Mapping[str, Any]]) -> str:
+    """NODES.md text: nodes grouped by category (sorted), then by node id."""
+    infos = {node_id: node_info(node_id) for node_id in node_ids}
+    ordered = sorted(infos, key=lambda k: (infos[k].get("category", ""), k))
+    toc = [f"- [{infos[k].get('display_name') or k}](#{_anchor(infos[k].get('display_name') or k)}) "
+           f"(`{k}`)" for k in ordered]
+    return "\n".join([HEADER, *toc, "", *(node_section(k, infos[k]) for k in ordered)]).rstrip() + "\n"
+
+
+def _anchor(title: str) -> str:
+    """GitHub's heading anchor: lower case, punctuation dropped, spaces to hyphens."""
+    keep = "".join(c for c in title.lower() if c.isalnum() or c in " -_")
+    return keep.replace(" ", "-")
+
+
+def generate(session) -> str:
+    """NODES.md for the pack as loaded in a :mod:`flowdps_dev.comfy_env` session."""
+    return render(session.pack_node_ids(), lambda k: session.node_classes[k].GET_NODE_INFO_V1())
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", type=Path, default=NODES_MD)
+    args = parser.parse_args(argv)
+    from flowdps_dev import comfy_env
+
+    args.out.write_text(generate(comfy_env.start()), encoding="utf-8")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
