@@ -1,0 +1,264 @@
+"""Every shipped workflow (``workflows/*.json``) against the real node info of ComfyUI and the pack.
+
+For each file: the editor structure (groups, a note), widget counts and link types as the editor would store
+them for the real schemas; ``ui_to_api`` + ComfyUI's ``validate_prompt`` once the user-supplied files are
+substituted; a headless 1-step run at 64 px with the tiny checkpoint; and the paper's settings on the main
+sampler node. New workflow files are picked up automatically.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from flowdps_dev import demo
+from flowdps_dev.graphs import TINY_CHECKPOINT
+from flowdps_dev.workflow_convert import VIRTUAL_NODES, _has_control_value, _widget_specs, ui_to_api
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
+CHECKPOINT = "sd3_medium_incl_clips.safetensors"
+SIZE = 64  # restored image side in the runs (tiny model, 1 step)
+SMALL_KERNEL = 7  # blur kernel size in the runs (61 does not fit a 64 px image)
+MAIN_SAMPLERS = ("FlowDPSRestore", "AFDPSRestore", "FlowDPSSampler", "AFDPSSampler", "FlowChefSampler")
+SR_OPERATORS = ("FlowDPSOperatorSRBicubic", "FlowDPSOperatorSRAvgPool")
+BLUR_OPERATORS = ("FlowDPSOperatorGaussianBlur", "FlowDPSOperatorPaperGaussianBlur", "FlowDPSOperatorMotionBlur")
+IMAGE_OUTPUTS = ("FlowDPSRestore", "AFDPSRestore", "FlowDPSPseudoInverse", "VAEDecode")
+# The paper's settings (FlowDPS, arXiv 2503.08136): 28 steps, CFG 2, shift 4, K = 3, step size 15.
+PAPER_FLOWDPS = {"dc_steps": 3, "step_size": 15.0, "step_size_end": -1.0, "norm": "paper", "sigma_y": 0.015}
+PAPER_SAMPLING = {"steps": 28, "cfg": 2.0, "shift": 4.0}
+RESIDUALS = {"auto", "measurement"}  # 'measurement' is the paper-compatible choice for motion blur
+BOX = (slice(16, 40), slice(20, 44))  # rows, columns of the inpainting test's missing area
+
+pytestmark = pytest.mark.comfy
+
+
+def load(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="module")
+def node_info(comfy):
+    return demo.node_info_of(comfy)
+
+
+def output_types(comfy, node_info, class_type: str) -> list[str]:
+    info = node_info(class_type)
+    if info.get("output") is not None:
+        return list(info["output"])
+    return list(comfy.node_classes[class_type].RETURN_TYPES)
+
+
+def link_input_types(node_info, class_type: str) -> dict[str, str]:
+    """Non-widget (linked) inputs of a node: name -> type."""
+    info = node_info(class_type)
+    widgets = {name for name, _ in _widget_specs(info)}
+    types = {}
+    for section in ("required", "optional"):
+        for name, spec in info["input"].get(section, {}).items():
+            if name not in widgets:
+                types[name] = spec[0] if isinstance(spec, list | tuple) else spec
+    return types
+
+
+def expected_widget_count(node_info, class_type: str) -> int:
+    """len(widgets_values) as the editor stores it: one per widget, plus the control value after a seed
+    (control_after_generate, or an INT named seed / noise_seed: the frontend's legacy rule), plus LoadImage's
+    upload button."""
+    info = node_info(class_type)
+    specs = {**info["input"].get("required", {}), **info["input"].get("optional", {})}
+    count = 0
+    for name, opts in _widget_specs(info):
+        spec = specs[name]
+        count += 1 + _has_control_value(name, opts, spec[0] if isinstance(spec, list | tuple) else spec)
+    return count + (class_type == "LoadImage")
+
+
+def of_type(prompt: dict, *class_types: str) -> list[str]:
+    return [k for k, v in prompt.items() if v["class_type"] in class_types]
+
+
+def only(prompt: dict, *class_types: str) -> str:
+    ids = of_type(prompt, *class_types)
+    assert len(ids) == 1, (class_types, ids)
+    return ids[0]
+
+
+@pytest.fixture(params=WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
+def workflow(request) -> dict:
+    return load(request.param)
+
+
+def test_every_workflow_is_listed_in_the_readme():
+    readme = (ROOT / "workflows" / "README.md").read_text(encoding="utf-8")
+    assert len(WORKFLOWS) >= 6
+    for path in WORKFLOWS:
+        assert f"`{path.name}`" in readme, path.name
+
+
+def test_structure_widgets_and_links_match_the_real_node_info(comfy, node_info, workflow):
+    assert workflow["version"] == 0.4
+    assert {"nodes", "links", "groups", "config", "extra"} <= set(workflow)
+    assert {g["title"] for g in workflow["groups"]} == {"prior", "measurement", "posterior sampler"}
+    nodes = {n["id"]: n for n in workflow["nodes"]}
+    assert len(nodes) == len(workflow["nodes"])
+    assert workflow["last_node_id"] >= max(nodes)
+    assert workflow["last_link_id"] >= max(link[0] for link in workflow["links"])
+    notes = [n for n in nodes.values() if n["type"] == "MarkdownNote"]
+    assert len(notes) == 1
+    assert notes[0]["widgets_values"][0].startswith("## ")
+    assert sum(n["type"] == "FlowDPSPseudoInverse" for n in nodes.values()) == 1
+    for node in nodes.values():
+        if node["type"] in VIRTUAL_NODES:
+            continue
+        assert node["type"] in comfy.node_classes, node["type"]
+        assert len(node["widgets_values"]) == expected_widget_count(node_info, node["type"]), node["type"]
+        assert [o["type"] for o in node["outputs"]] == output_types(comfy, node_info, node["type"]), node["type"]
+        inputs = link_input_types(node_info, node["type"])
+        for slot in node["inputs"]:
+            assert slot["type"] == inputs[slot["name"]], (node["type"], slot["name"])
+    for link_id, src, src_slot, dst, dst_slot, kind in workflow["links"]:
+        assert nodes[src]["outputs"][src_slot]["type"] == kind
+        assert link_id in nodes[src]["outputs"][src_slot]["links"]
+        assert nodes[dst]["inputs"][dst_slot]["link"] == link_id
+        assert nodes[dst]["inputs"][dst_slot]["type"] in (kind, "*"), (link_id, kind)
+    linked = {link[0] for link in workflow["links"]}
+    for node in nodes.values():
+        assert {i["link"] for i in node["inputs"] if i["link"] is not None} <= linked
+        for out in node["outputs"]:
+            assert set(out["links"] or []) <= linked
+
+
+def test_main_sampler_has_the_papers_defaults(node_info, workflow):
+    prompt = ui_to_api(workflow, node_info)
+    main = only(prompt, *MAIN_SAMPLERS)
+    inputs = prompt[main]["inputs"]
+    kind = prompt[main]["class_type"]
+    if kind in ("FlowDPSRestore", "FlowDPSSampler"):
+        assert {k: inputs[k] for k in PAPER_FLOWDPS} == PAPER_FLOWDPS
+        assert inputs["residual"] in RESIDUALS
+    if kind in ("FlowDPSRestore", "AFDPSRestore"):
+        assert {k: inputs[k] for k in PAPER_SAMPLING} == PAPER_SAMPLING
+        assert inputs["seed"] == 0
+    if kind == "FlowDPSRestore":
+        assert inputs["method"] == "flowdps"
+    if kind == "AFDPSRestore":
+        assert (inputs["particles"], inputs["sigma_y"]) == (8, 0.015)
+    if kind.endswith("Sampler"):  # the SAMPLER route: schedule, shift and CFG live in core nodes
+        assert prompt[only(prompt, "ModelSamplingSD3")]["inputs"]["shift"] == PAPER_SAMPLING["shift"]
+        assert prompt[only(prompt, "CFGGuider")]["inputs"]["cfg"] == PAPER_SAMPLING["cfg"]
+        scheduler = prompt[only(prompt, "BasicScheduler")]["inputs"]
+        assert (scheduler["scheduler"], scheduler["steps"], scheduler["denoise"]) == ("simple", 28, 1.0)
+        latent = prompt[only(prompt, "EmptySD3LatentImage")]["inputs"]
+        factor = prompt[only(prompt, *SR_OPERATORS)]["inputs"]["factor"]
+        assert (latent["width"], latent["height"]) == (64 * factor, 64 * factor)  # for the note's 64 px photo
+    assert prompt[only(prompt, "CheckpointLoaderSimple")]["inputs"] == {"ckpt_name": CHECKPOINT}
+    texts = {prompt[k]["inputs"]["text"] for k in of_type(prompt, "CLIPTextEncode")}
+    assert texts == {"a high quality photo", ""}
+    assert {prompt[k]["inputs"]["image"] for k in of_type(prompt, "LoadImage")} == {"measurement.png"}
+
+
+# ------------------------------------------------------------------------------------------- validation
+
+
+def write_test_image(comfy, prompt: dict) -> str:
+    """Write the measurement this workflow needs to ComfyUI's input folder; return its name."""
+    if of_type(prompt, *SR_OPERATORS):
+        factor = prompt[only(prompt, *SR_OPERATORS)]["inputs"]["factor"]
+        assert SIZE % factor == 0
+        side = SIZE // factor
+    else:
+        side = SIZE
+    rgb = np.zeros((side, side, 3), np.uint8)
+    rgb[..., 0] = np.linspace(0, 255, side, dtype=np.uint8)[None]
+    rgb[..., 1] = np.linspace(255, 0, side, dtype=np.uint8)[:, None]
+    rgb[..., 2] = 90
+    if of_type(prompt, "FlowDPSOperatorMaskInpaint"):
+        alpha = np.full((side, side), 255, np.uint8)
+        alpha[BOX] = 0  # transparent = missing: LoadImage's MASK is 1 - alpha
+        name = f"workflow_test_{side}_rgba.png"
+        Image.fromarray(np.dstack([rgb, alpha]), "RGBA").save(comfy.input_dir / name)
+    else:
+        name = f"workflow_test_{side}.png"
+        Image.fromarray(rgb).save(comfy.input_dir / name)
+    return name
+
+
+def substituted(comfy, prompt: dict) -> dict:
+    """What a user supplies (checkpoint, photo): the tiny checkpoint and a test image."""
+    for node_id in of_type(prompt, "CheckpointLoaderSimple"):
+        prompt[node_id]["inputs"]["ckpt_name"] = TINY_CHECKPOINT
+    image = write_test_image(comfy, prompt)
+    for node_id in of_type(prompt, "LoadImage"):
+        prompt[node_id]["inputs"]["image"] = image
+    return prompt
+
+
+def test_converts_and_validates_once_the_user_files_are_supplied(comfy, node_info, workflow):
+    import execution
+
+    prompt = ui_to_api(workflow, node_info)
+    # As shipped, ComfyUI refuses only the files a user supplies (an output that needs neither, such as the
+    # motion-blur kernel preview, still validates, so the prompt as a whole may pass).
+    node_errors = asyncio.run(execution.validate_prompt("shipped", prompt, None))[3]
+    assert set(node_errors) == set(of_type(prompt, "CheckpointLoaderSimple", "LoadImage")), node_errors
+    prompt = substituted(comfy, prompt)
+    ok, error, _, node_errors = asyncio.run(execution.validate_prompt("substituted", prompt, None))[:4]
+    assert ok, (error, node_errors)
+
+
+# ------------------------------------------------------------------------------------------------- runs
+
+
+def tiny_run_prompt(comfy, node_info, workflow) -> dict:
+    """1 step (1 data-consistency step), 64 px, small kernels, 2 particles."""
+    prompt = substituted(comfy, ui_to_api(workflow, node_info))
+    for node in prompt.values():
+        inputs, kind = node["inputs"], node["class_type"]
+        if kind in BLUR_OPERATORS:
+            inputs["kernel_size"] = SMALL_KERNEL
+        if kind in ("FlowDPSRestore", "AFDPSRestore", "BasicScheduler"):
+            inputs["steps"] = 1
+        if kind in ("AFDPSRestore", "AFDPSSampler"):
+            inputs["particles"] = 2
+        if kind == "EmptySD3LatentImage":
+            inputs.update(width=SIZE, height=SIZE)
+        if kind in ("FlowDPSRestore", "FlowDPSSampler"):
+            inputs["dc_steps"] = 1
+        if kind == "FlowDPSPseudoInverse":
+            inputs["max_iterations"] = 5
+    return prompt
+
+
+def test_runs_one_step_with_the_tiny_checkpoint(comfy, node_info, workflow):
+    prompt = tiny_run_prompt(comfy, node_info, workflow)
+    result = comfy.run(prompt).raise_for_error()
+    for node_id in of_type(prompt, *IMAGE_OUTPUTS):
+        assert tuple(result.output(node_id, 0).shape) == (1, SIZE, SIZE, 3), prompt[node_id]["class_type"]
+    saves = of_type(prompt, "SaveImage")
+    assert saves
+    for node_id in saves:
+        files = result.image_files(node_id)
+        assert len(files) == 1, node_id
+        assert files[0].name.startswith(Path(prompt[node_id]["inputs"]["filename_prefix"]).name + "_")
+        with Image.open(files[0]) as im:
+            assert im.size == (SIZE, SIZE)
+    for node_id in of_type(prompt, "AFDPSRestore"):
+        assert tuple(result.output(node_id, 2).shape) == (2, SIZE, SIZE, 3)  # the particles
+        assert tuple(result.output(node_id, 3).shape) == (1, SIZE, SIZE, 3)  # the uncertainty heat map
+        assert result.output(node_id, 5).startswith("AFDPS: 2 particles, 1 steps")
+    for node_id in of_type(prompt, "FlowDPSOperatorMotionBlur"):
+        assert tuple(result.output(node_id, 1).shape) == (1, SMALL_KERNEL, SMALL_KERNEL, 3)  # the kernel
+    for node_id in of_type(prompt, "FlowDPSOperatorMaskInpaint"):
+        source = prompt[node_id]["inputs"]["mask"]
+        assert prompt[source[0]]["class_type"] == "LoadImage"
+        assert source[1] == 1  # LoadImage's MASK output
+        mask = result.output(source[0], 1)
+        expected = np.zeros((SIZE, SIZE), np.float32)
+        expected[BOX] = 1
+        np.testing.assert_array_equal(mask[0].numpy(), expected)
