@@ -8,7 +8,6 @@ installed with ComfyUI's requirements). Numbers, not assertions: the tests asser
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import platform
 import sys
 from datetime import UTC, datetime
@@ -21,13 +20,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def import_pack():
-    """Import the repository as the package ``flowdps`` (as tests/conftest.py does)."""
-    if "flowdps" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("flowdps", ROOT / "__init__.py",
-                                                      submodule_search_locations=[str(ROOT)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["flowdps"] = module
-        spec.loader.exec_module(module)
+    """The pack's ``operators`` package (the repository imported as the package ``flowdps``)."""
+    sys.path.insert(0, str(ROOT))
+    from flowdps_dev.pack import import_pack as _import
+
+    _import()
     import flowdps.operators as ops
 
     return ops

@@ -109,12 +109,9 @@ def ground_truth(path: Path, size: int):
 
 def pack_operators():
     """The pack's pure-PyTorch ``operators`` package, with the pack imported as ``flowdps`` (as the tests do)."""
-    if "flowdps" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("flowdps", ROOT / "__init__.py",
-                                                      submodule_search_locations=[str(ROOT)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["flowdps"] = module
-        spec.loader.exec_module(module)
+    from flowdps_dev.pack import import_pack
+
+    import_pack()
     return importlib.import_module("flowdps.operators")
 
 

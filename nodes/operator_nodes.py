@@ -78,6 +78,11 @@ def kernel_from_inputs(image: torch.Tensor | None, mask: torch.Tensor | None) ->
     return validate_kernel(kernel.clone())
 
 
+def _factor_input() -> io.Int.Input:
+    return io.Int.Input("factor", default=PAPER_SR_FACTOR, min=1, max=64,
+                        tooltip="Downscale factor (paper: 12, 768 -> 64 pixels).")
+
+
 class SuperResolutionAvgPool(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -87,8 +92,7 @@ class SuperResolutionAvgPool(io.ComfyNode):
             category=CATEGORY_OPERATORS,
             description="Super-resolution by an integer factor: each measured pixel is the mean of a factor x "
                         "factor block (the paper's sr_avgpool). The image sides must be divisible by the factor.",
-            inputs=[io.Int.Input("factor", default=PAPER_SR_FACTOR, min=1, max=64,
-                                 tooltip="Downscale factor (paper: 12, 768 -> 64 pixels).")],
+            inputs=[_factor_input()],
             outputs=[_operator_output()],
         )
 
@@ -107,8 +111,7 @@ class SuperResolutionBicubic(io.ComfyNode):
             description="Super-resolution by an integer factor with antialiased bicubic downsampling (a = -0.5, "
                         "symmetric boundary; the paper's sr_bicubic). The image sides must be divisible by the "
                         "factor.",
-            inputs=[io.Int.Input("factor", default=PAPER_SR_FACTOR, min=1, max=64,
-                                 tooltip="Downscale factor (paper: 12, 768 -> 64 pixels).")],
+            inputs=[_factor_input()],
             outputs=[_operator_output()],
         )
 

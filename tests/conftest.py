@@ -12,7 +12,7 @@ an error: CI must never pass by skipping them.
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import os
 import sys
 from pathlib import Path
@@ -24,16 +24,7 @@ if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))
 
 
-def _import_pack_as(name: str = "flowdps") -> None:
-    if name in sys.modules:
-        return
-    spec = importlib.util.spec_from_file_location(name, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-
-
-_import_pack_as()
+importlib.import_module("flowdps_dev.pack").import_pack("flowdps")
 
 REQUIRE_COMFY = os.environ.get("FLOWDPS_REQUIRE_COMFY") == "1"
 
