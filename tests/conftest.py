@@ -67,3 +67,40 @@ def generator() -> torch.Generator:  # noqa: F821
     import torch
 
     return torch.Generator().manual_seed(0)
+
+
+class ProgressProbe:
+    """A ComfyUI progress hook (what the server installs) that records steps and can interrupt at one."""
+
+    def __init__(self, interrupt_at: int | None = None) -> None:
+        self.values: list[tuple[int, int]] = []
+        self.previews = 0
+        self.interrupt_at = interrupt_at
+
+    def __call__(self, value, total, preview, prompt_id=None, node_id=None):
+        import comfy.model_management as mm
+
+        self.values.append((value, total))
+        self.previews += preview is not None
+        if self.interrupt_at is not None and value >= self.interrupt_at:
+            mm.interrupt_current_processing(True)
+
+
+@pytest.fixture
+def progress(comfy):
+    """``progress(interrupt_at=None)`` installs a fresh :class:`ProgressProbe` as ComfyUI's global progress hook,
+    with Latent2RGB previews on; both are restored afterwards."""
+    import comfy.utils
+    from comfy.cli_args import LatentPreviewMethod, args
+
+    method = args.preview_method
+    args.preview_method = LatentPreviewMethod.Latent2RGB
+
+    def install(interrupt_at: int | None = None) -> ProgressProbe:
+        probe = ProgressProbe(interrupt_at)
+        comfy.utils.set_progress_bar_global_hook(probe)
+        return probe
+
+    yield install
+    comfy.utils.set_progress_bar_global_hook(None)
+    args.preview_method = method

@@ -188,39 +188,6 @@ def test_bad_widget_values_are_rejected(comfy, photo):
     assert "output must be one of" in result.error.message
 
 
-class ProgressProbe:
-    def __init__(self, interrupt_at: int | None = None) -> None:
-        self.values: list[tuple[int, int]] = []
-        self.previews = 0
-        self.interrupt_at = interrupt_at
-
-    def __call__(self, value, total, preview, prompt_id=None, node_id=None):
-        import comfy.model_management as mm
-
-        self.values.append((value, total))
-        self.previews += preview is not None
-        if self.interrupt_at is not None and value >= self.interrupt_at:
-            mm.interrupt_current_processing(True)
-
-
-@pytest.fixture
-def progress(comfy):
-    import comfy.utils
-    from comfy.cli_args import LatentPreviewMethod, args
-
-    method = args.preview_method
-    args.preview_method = LatentPreviewMethod.Latent2RGB
-
-    def install(interrupt_at: int | None = None) -> ProgressProbe:
-        probe = ProgressProbe(interrupt_at)
-        comfy.utils.set_progress_bar_global_hook(probe)
-        return probe
-
-    yield install
-    comfy.utils.set_progress_bar_global_hook(None)
-    args.preview_method = method
-
-
 def test_restore_progress_previews_interruption_and_decoder_release(comfy, photo, progress, monkeypatch):
     """Progress and a preview every step; an interrupt stops at the next step; the private decoder copy is
     released after a run, also an interrupted one."""
