@@ -58,6 +58,18 @@ CHUNK_TOOLTIP = ("Particles per decoder forward + backward (the memory hog at SD
                  "0: all particles at once.")
 
 
+def ensemble_inputs() -> list:
+    """The AFDPS settings shared by the SAMPLER and the Restore node (eta, kappa, ESS threshold, chunk, sigma_y)."""
+    return [
+        io.Float.Input("eta", default=DEFAULTS.eta_v, min=0.0, max=10.0, step=0.05, tooltip=ETA_TOOLTIP),
+        io.Float.Input("kappa", default=DEFAULTS.kappa, min=0.0, max=10.0, step=0.05, tooltip=KAPPA_TOOLTIP),
+        io.Float.Input("ess_threshold", default=DEFAULTS.resample_threshold, min=0.0, max=1.0, step=0.05,
+                       tooltip=ESS_TOOLTIP),
+        io.Int.Input("chunk_size", default=DEFAULTS.chunk_size, min=0, max=256, tooltip=CHUNK_TOOLTIP),
+        io.Float.Input("sigma_y", default=0.015, min=0.0001, max=1000.0, step=0.001, tooltip=SIGMA_Y_TOOLTIP),
+    ]
+
+
 def make_config(eta: float, kappa: float, ess_threshold: float, chunk_size: int) -> AFDPSConfig:
     """Validated AFDPS settings from node inputs (raises ValueError naming the value)."""
     if chunk_size < 0:
@@ -237,13 +249,7 @@ class AFDPSSampler(io.ComfyNode):
                 io.Combo.Input("variant", options=list(AFDPS_VARIANTS), default="sde",
                                tooltip="sde: guided Euler-Maruyama with W2 weights (the recommended variant; the "
                                        "ODE variant does not support latent models yet)."),
-                io.Float.Input("eta", default=DEFAULTS.eta_v, min=0.0, max=10.0, step=0.05, tooltip=ETA_TOOLTIP),
-                io.Float.Input("kappa", default=DEFAULTS.kappa, min=0.0, max=10.0, step=0.05, tooltip=KAPPA_TOOLTIP),
-                io.Float.Input("ess_threshold", default=DEFAULTS.resample_threshold, min=0.0, max=1.0, step=0.05,
-                               tooltip=ESS_TOOLTIP),
-                io.Int.Input("chunk_size", default=DEFAULTS.chunk_size, min=0, max=256, tooltip=CHUNK_TOOLTIP),
-                io.Float.Input("sigma_y", default=0.015, min=0.0001, max=1000.0, step=0.001,
-                               tooltip=SIGMA_Y_TOOLTIP),
+                *ensemble_inputs(),
                 io.Combo.Input("output", options=list(OUTPUTS), default="best",
                                tooltip="What each batch item becomes: 'best' the highest-weight particle (the "
                                        "paper's choice), 'mean' the weighted mean latent, 'sample' one draw from "
@@ -295,13 +301,7 @@ class AFDPSRestore(io.ComfyNode):
                                tooltip="Time shift of the flow schedule for this run only (SD3's default is 3.0)."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                              tooltip="Seed of the particles' noise, the SDE noise and the resampling."),
-                io.Float.Input("eta", default=DEFAULTS.eta_v, min=0.0, max=10.0, step=0.05, tooltip=ETA_TOOLTIP),
-                io.Float.Input("kappa", default=DEFAULTS.kappa, min=0.0, max=10.0, step=0.05, tooltip=KAPPA_TOOLTIP),
-                io.Float.Input("ess_threshold", default=DEFAULTS.resample_threshold, min=0.0, max=1.0, step=0.05,
-                               tooltip=ESS_TOOLTIP),
-                io.Int.Input("chunk_size", default=DEFAULTS.chunk_size, min=0, max=256, tooltip=CHUNK_TOOLTIP),
-                io.Float.Input("sigma_y", default=0.015, min=0.0001, max=1000.0, step=0.001,
-                               tooltip=SIGMA_Y_TOOLTIP),
+                *ensemble_inputs(),
             ],
             outputs=[
                 io.Image.Output(display_name="best", tooltip="The highest-weight particle, decoded."),
