@@ -1,6 +1,6 @@
 """Posterior samplers over a denoiser callable (pure PyTorch, no ComfyUI import).
 
-FlowDPS (arXiv 2503.08136, official defaults) and the FlowChef baseline share one loop,
+FlowDPS (arXiv 2503.08136, official defaults) and the FlowChef and PSLD baselines share one loop,
 :func:`sample_flow_posterior`; the config object chooses the data-consistency rule. Example (pixel space,
 so the decoder is the identity; a latent problem passes a differentiable decoder instead of ``None``)::
 
@@ -26,7 +26,7 @@ paper's 15 is tuned for SD3 latents of 768 x 768 images; with ``"squared"`` it i
 """
 
 from .afdps import AFDPSConfig, AFDPSResult, AFDPSStepInfo, sample_afdps
-from .data_term import measurement_loss
+from .data_term import image_loss, measurement_loss
 from .flow import (
     interpolate,
     noise_from_velocity,
@@ -46,6 +46,7 @@ from .flowdps import (
     fresh_noise,
     sample_flow_posterior,
 )
+from .psld import PSLDConfig, PSLDTerms, psld_data_term, psld_objective
 from .schedules import Schedule
 from .smc import (
     effective_sample_size,
@@ -67,6 +68,8 @@ __all__ = [
     "Denoiser",
     "FlowChefConfig",
     "FlowDPSConfig",
+    "PSLDConfig",
+    "PSLDTerms",
     "PosteriorUpdate",
     "Schedule",
     "StepInfo",
@@ -75,12 +78,15 @@ __all__ = [
     "data_gradient",
     "effective_sample_size",
     "fresh_noise",
+    "image_loss",
     "interpolate",
     "measurement_loss",
     "multinomial_resample",
     "noise_from_velocity",
     "noise_from_x0",
     "normalize_log_weights",
+    "psld_data_term",
+    "psld_objective",
     "quarantine",
     "resample",
     "reweight",

@@ -24,11 +24,53 @@ from torch import Tensor
 
 from .types import DataLoss
 
-__all__ = ["NORMS", "measurement_loss"]
+__all__ = ["NORMS", "ImageLoss", "image_loss", "measurement_loss"]
 
 NORMS = ("paper", "squared")
 
 TensorMap = Callable[[Tensor], Tensor]
+
+
+ImageLoss = Callable[[Tensor], Tensor]
+"""``image_loss(x) -> (B,)``: the data term of a decoded image ``x: (B, 3, H, W)`` (see :func:`image_loss`)."""
+
+
+def _check_norm(norm: str, sigma_y: float | None) -> None:
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+    if norm == "squared" and not (sigma_y is not None and math.isfinite(sigma_y) and sigma_y > 0):
+        raise ValueError(f"norm='squared' needs sigma_y > 0, got sigma_y={sigma_y!r}")
+
+
+def image_loss(forward: TensorMap, y: Tensor, *, project: TensorMap | None = None, norm: str = "paper",
+               sigma_y: float | None = None) -> ImageLoss:
+    """The data term of an image: ``x -> (B,)``, ``||P(y) - P(A x)||`` per sample (module docstring).
+
+    Same arguments as :func:`measurement_loss` without the decoder; ``x: (B, ...)`` is the image ``A``
+    applies to. :func:`measurement_loss` is ``image_loss(...)(decode(z0))``; PSLD (``samplers/psld.py``)
+    calls it on an image it decodes once for two terms.
+    """
+    _check_norm(norm, sigma_y)
+    if y.ndim < 1:
+        raise ValueError(f"measurement must have a batch dimension, got shape {tuple(y.shape)}")
+    with torch.inference_mode(False), torch.no_grad():
+        y = y.detach().clone()
+        target = project(y).detach().clone() if project is not None else y
+    scale = 1.0 / (2.0 * sigma_y**2) if norm == "squared" else 1.0
+
+    def loss(x: Tensor) -> Tensor:
+        batch = x.shape[0]
+        ax = forward(x)
+        if ax.shape[0] != batch or y.shape[0] not in (1, batch) or y.shape[1:] != ax.shape[1:]:
+            raise ValueError(f"measurement {tuple(y.shape)} does not match operator output {tuple(ax.shape)} "
+                             f"for a batch of {batch} (the measurement batch must be 1 or {batch})")
+        predicted = project(ax) if project is not None else ax
+        r = (target.to(device=predicted.device, dtype=predicted.dtype) - predicted).reshape(batch, -1)
+        if norm == "paper":
+            return torch.linalg.vector_norm(r, dim=1)
+        return r.square().sum(dim=1) * scale
+
+    return loss
 
 
 def measurement_loss(decode: TensorMap | None, forward: TensorMap, y: Tensor, *,
@@ -54,27 +96,9 @@ def measurement_loss(decode: TensorMap | None, forward: TensorMap, y: Tensor, *,
         ``data_loss(z0: (B, ...)) -> (B,)``. It raises ``ValueError`` naming the shapes when ``A(x)`` and
         ``y`` do not match or ``y``'s batch is neither 1 nor B.
     """
-    if norm not in NORMS:
-        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
-    if norm == "squared" and not (sigma_y is not None and math.isfinite(sigma_y) and sigma_y > 0):
-        raise ValueError(f"norm='squared' needs sigma_y > 0, got sigma_y={sigma_y!r}")
-    if y.ndim < 1:
-        raise ValueError(f"measurement must have a batch dimension, got shape {tuple(y.shape)}")
-    with torch.inference_mode(False), torch.no_grad():
-        y = y.detach().clone()
-        target = project(y).detach().clone() if project is not None else y
-    scale = 1.0 / (2.0 * sigma_y**2) if norm == "squared" else 1.0
+    loss = image_loss(forward, y, project=project, norm=norm, sigma_y=sigma_y)
 
     def data_loss(z0: Tensor) -> Tensor:
-        batch = z0.shape[0]
-        ax = forward(decode(z0) if decode is not None else z0)
-        if ax.shape[0] != batch or y.shape[0] not in (1, batch) or y.shape[1:] != ax.shape[1:]:
-            raise ValueError(f"measurement {tuple(y.shape)} does not match operator output {tuple(ax.shape)} "
-                             f"for a batch of {batch} (the measurement batch must be 1 or {batch})")
-        predicted = project(ax) if project is not None else ax
-        r = (target.to(device=predicted.device, dtype=predicted.dtype) - predicted).reshape(batch, -1)
-        if norm == "paper":
-            return torch.linalg.vector_norm(r, dim=1)
-        return r.square().sum(dim=1) * scale
+        return loss(decode(z0) if decode is not None else z0)
 
     return data_loss

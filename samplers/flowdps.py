@@ -10,14 +10,16 @@ FlowDPS (Kim, Kim & Ye, ICCV 2025, arXiv 2503.08136; official ``sd3_sampler.py``
     z = (1 - s') z0_y + s' n
 
 FlowChef (the baseline in the same repository): one gradient ``g`` of the same loss at ``z0``, no blend,
-no fresh noise: ``z = z0 + s' (z1 - z0) - step_size * g``.
+no fresh noise: ``z = z0 + s' (z1 - z0) - step_size * g``. PSLD, the third method there, is the same
+update with the gradient taken with respect to ``z`` through the denoiser (``samplers/psld.py``).
 
 The classifier-free guidance of step 1 of the paper happens inside ``denoise`` (ComfyUI's GUIDER), so CFG
 and CFG schedules are not sampler parameters here.
 
 Numerics: gradients are taken inside ``torch.inference_mode(False)`` + ``torch.enable_grad()`` on a detached
 clone of ``z0`` in float32 (float64 stays float64), so the loop runs under ComfyUI's inference mode; the
-denoiser is called under ``torch.no_grad()`` and never back-propagated. The loss is summed over the batch,
+denoiser is called under ``torch.no_grad()`` and never back-propagated (except by PSLD, whose config asks
+the loop for the denoiser's graph). The loss is summed over the batch,
 so each sample gets the gradient of its own loss. Every step's result is cast back to ``z``'s dtype.
 """
 
@@ -102,7 +104,11 @@ class PosteriorUpdate(Protocol):
     def update(self, z: Tensor, z0: Tensor, sigma: float, sigma_next: float, *, i: int, n_steps: int,
                data_loss: DataLoss, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         """One step ``sigma -> sigma_next`` from ``z`` and the denoiser's ``z0``; returns
-        ``(z_next, denoised)`` where ``denoised`` is the data-consistent x0 estimate (for previews)."""
+        ``(z_next, denoised)`` where ``denoised`` is the data-consistent x0 estimate (for previews).
+
+        A rule that differentiates the denoiser (PSLD) also defines ``needs_denoiser_graph(i, n_steps) ->
+        bool``; at the steps where it is true the loop passes ``z`` as a float32 leaf that requires grad and
+        ``z0 = denoise(z)`` with its autograd graph (the same single denoiser call per step)."""
         ...
 
 
@@ -219,22 +225,31 @@ def check_sigmas(sigmas: Tensor) -> list[float]:
     return [min(s, 1.0) for s in levels]
 
 
+def _checked(z0: Tensor, z: Tensor) -> Tensor:
+    if z0.shape != z.shape:
+        raise ValueError(f"denoise returned {tuple(z0.shape)} for z of shape {tuple(z.shape)}")
+    return z0
+
+
 def sample_flow_posterior(denoise: Denoiser, z: Tensor, sigmas: Tensor, data_loss: DataLoss,
                           config: FlowDPSConfig | FlowChefConfig | PosteriorUpdate, *,
                           generator: torch.Generator | None = None,
                           callback: Callable[[StepInfo], None] | None = None) -> Tensor:
-    """Sample ``z0 ~ p(z0 | y)`` approximately with FlowDPS or FlowChef (chosen by ``config``'s type).
+    """Sample ``z0 ~ p(z0 | y)`` approximately with FlowDPS, FlowChef or PSLD (chosen by ``config``'s type).
 
     Args:
         denoise: ``denoise(z, sigma) -> z0_hat``, z: (B, ...) e.g. (B, C, h, w) with any C, h, w;
-            sigma: (B,) tensor of ``z``'s dtype. Called under ``torch.no_grad()``, never back-propagated.
+            sigma: (B,) tensor of ``z``'s dtype. Called once per step under ``torch.no_grad()``, except at
+            the steps where ``config.needs_denoiser_graph(i, n_steps)`` (PSLD): then with autograd on, on
+            a float32 (float64 stays) leaf ``z``, and it must be differentiable.
         z: (B, ...) start at ``sigmas[0]``, e.g. pure noise for ``sigmas[0] = 1`` (ComfyUI's
             ``noise_scaling`` for less).
         sigmas: 1-D noise levels from ``sigmas[0] <= 1`` down, non-increasing; the last may be 0 (the
             result is then the data-consistent x0 estimate of the last step). ``len(sigmas) - 1`` steps.
-        data_loss: ``z0 -> (B,)`` per-sample loss including the decoder (:func:`measurement_loss`).
-        config: :class:`FlowDPSConfig` or :class:`FlowChefConfig` (any object with the
-            :class:`PosteriorUpdate` method).
+        data_loss: ``z0 -> (B,)`` per-sample loss including the decoder (:func:`measurement_loss`); for
+            PSLD the two-term :func:`~.psld.psld_data_term`.
+        config: :class:`FlowDPSConfig`, :class:`FlowChefConfig`, :class:`~.psld.PSLDConfig` (any object
+            with the :class:`PosteriorUpdate` method).
         generator: source of FlowDPS's fresh noise, a ``torch.Generator`` on ``z``'s device (ComfyUI:
             ``torch.Generator(device=z.device).manual_seed(extra_args["seed"])``). ``None`` means a new
             generator seeded with :data:`DEFAULT_SEED`, never the global RNG. FlowChef draws nothing.
@@ -250,14 +265,20 @@ def sample_flow_posterior(denoise: Denoiser, z: Tensor, sigmas: Tensor, data_los
     if generator is None:
         generator = torch.Generator(device=z.device).manual_seed(DEFAULT_SEED)
     batch = z.shape[0]
+    needs_graph = getattr(config, "needs_denoiser_graph", None)
     for i in range(n_steps):
         sigma, sigma_next = levels[i], levels[i + 1]
-        with torch.no_grad():
-            z0 = denoise(z, z.new_full((batch,), sigma))
-        if z0.shape != z.shape:
-            raise ValueError(f"denoise returned {tuple(z0.shape)} for z of shape {tuple(z.shape)}")
-        z_next, denoised = config.update(z, z0.detach(), sigma, sigma_next, i=i, n_steps=n_steps,
-                                         data_loss=data_loss, generator=generator)
+        if needs_graph is not None and needs_graph(i, n_steps):
+            with torch.inference_mode(False), torch.enable_grad():
+                z_leaf = z.detach().clone().to(_grad_dtype(z.dtype)).requires_grad_(True)
+                z0 = _checked(denoise(z_leaf, z_leaf.new_full((batch,), sigma)), z)
+                z_next, denoised = config.update(z_leaf, z0, sigma, sigma_next, i=i, n_steps=n_steps,
+                                                 data_loss=data_loss, generator=generator)
+        else:
+            with torch.no_grad():
+                z0 = _checked(denoise(z, z.new_full((batch,), sigma)), z)
+            z_next, denoised = config.update(z, z0.detach(), sigma, sigma_next, i=i, n_steps=n_steps,
+                                             data_loss=data_loss, generator=generator)
         if callback is not None:
             callback({"x": z, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
         z = z_next.to(z.dtype)
