@@ -191,7 +191,13 @@ def node_info_of(session) -> Callable[[str], dict]:
         if issubclass(cls, _ComfyNodeInternal):
             return cls.GET_NODE_INFO_V1()
         inputs = cls.INPUT_TYPES()
-        return {"input": inputs, "input_order": {key: list(value) for key, value in inputs.items()}}
+        outputs = list(cls.RETURN_TYPES)
+        return {
+            "input": inputs,
+            "input_order": {key: list(value) for key, value in inputs.items()},
+            "output": outputs,
+            "output_name": list(getattr(cls, "RETURN_NAMES", None) or outputs),
+        }
 
     return node_info
 

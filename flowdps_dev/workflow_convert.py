@@ -29,18 +29,26 @@ def _is_widget(spec: Any) -> bool:
     return isinstance(kind, list | tuple) or kind in WIDGET_TYPES
 
 
-def _widget_specs(info: NodeInfo) -> list[tuple[str, dict]]:
-    """(name, options) of the widget inputs of a node, in the editor's order."""
+def input_specs(info: NodeInfo) -> list[tuple[str, Any]]:
+    """(name, spec) of a node's required then optional inputs, in the editor's order."""
     inputs = info["input"]
     order = info.get("input_order") or {k: list(v) for k, v in inputs.items() if k != "hidden"}
     specs = []
     for section in ("required", "optional"):
         for name in order.get(section, []):
             spec = inputs.get(section, {}).get(name)
-            if spec is not None and _is_widget(spec):
-                opts = spec[1] if isinstance(spec, list | tuple) and len(spec) > 1 and isinstance(spec[1], dict) else {}
-                specs.append((name, opts))
+            if spec is not None:
+                specs.append((name, spec))
     return specs
+
+
+def _widget_specs(info: NodeInfo) -> list[tuple[str, dict]]:
+    """(name, options) of the widget inputs of a node, in the editor's order."""
+    return [
+        (name, spec[1] if isinstance(spec, list | tuple) and len(spec) > 1 and isinstance(spec[1], dict) else {})
+        for name, spec in input_specs(info)
+        if _is_widget(spec)
+    ]
 
 
 def _has_control_value(name: str, opts: dict, spec_type: Any) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,7 @@ from flowdps_dev.workflow_convert import VIRTUAL_NODES, _has_control_value, _wid
 ROOT = Path(__file__).resolve().parents[1]
 WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
 CHECKPOINT = "sd3_medium_incl_clips.safetensors"
-SIZE = 64  # restored image side in the runs (tiny model, 1 step)
+SIZE = 64  # restored image side in the runs (tiny model, 1 step); SR x12 runs at 96 (a multiple of 12 and 16)
 SMALL_KERNEL = 7  # blur kernel size in the runs (61 does not fit a 64 px image)
 MAIN_SAMPLERS = ("FlowDPSRestore", "AFDPSRestore", "FlowDPSSampler", "AFDPSSampler", "FlowChefSampler")
 SR_OPERATORS = ("FlowDPSOperatorSRBicubic", "FlowDPSOperatorSRAvgPool")
@@ -160,20 +161,35 @@ def test_main_sampler_has_the_papers_defaults(node_info, workflow):
     assert prompt[only(prompt, "CheckpointLoaderSimple")]["inputs"] == {"ckpt_name": CHECKPOINT}
     texts = {prompt[k]["inputs"]["text"] for k in of_type(prompt, "CLIPTextEncode")}
     assert texts == {"a high quality photo", ""}
-    assert {prompt[k]["inputs"]["image"] for k in of_type(prompt, "LoadImage")} == {"measurement.png"}
+    if of_type(prompt, "FlowDPSSimulateMeasurement"):  # starts from a clean photo
+        assert {prompt[k]["inputs"]["image"] for k in of_type(prompt, "LoadImage")} == {"clean.png"}
+        assert prompt[only(prompt, "FlowDPSSimulateMeasurement")]["inputs"]["sigma_y"] == PAPER_FLOWDPS["sigma_y"]
+    else:
+        assert {prompt[k]["inputs"]["image"] for k in of_type(prompt, "LoadImage")} == {"measurement.png"}
+    for node_id in of_type(prompt, *SR_OPERATORS):
+        assert prompt[node_id]["inputs"]["factor"] in (4, 12)
 
 
 # ------------------------------------------------------------------------------------------- validation
 
 
+def sr_factor(prompt: dict) -> int:
+    """The SR operator's factor, 1 without one."""
+    ids = of_type(prompt, *SR_OPERATORS)
+    return prompt[only(prompt, *SR_OPERATORS)]["inputs"]["factor"] if ids else 1
+
+
+def run_size(prompt: dict) -> int:
+    """Side of the restored image in the test runs: SIZE, or the next multiple of 16 and the SR factor."""
+    step = math.lcm(16, sr_factor(prompt))
+    return step * math.ceil(SIZE / step)
+
+
 def write_test_image(comfy, prompt: dict) -> str:
-    """Write the measurement this workflow needs to ComfyUI's input folder; return its name."""
-    if of_type(prompt, *SR_OPERATORS):
-        factor = prompt[only(prompt, *SR_OPERATORS)]["inputs"]["factor"]
-        assert SIZE % factor == 0
-        side = SIZE // factor
-    else:
-        side = SIZE
+    """Write the image this workflow loads (the measurement, or a clean photo to degrade) to ComfyUI's
+    input folder; return its name."""
+    simulated = bool(of_type(prompt, "FlowDPSSimulateMeasurement"))
+    side = run_size(prompt) // (1 if simulated else sr_factor(prompt))
     rgb = np.zeros((side, side, 3), np.uint8)
     rgb[..., 0] = np.linspace(0, 255, side, dtype=np.uint8)[None]
     rgb[..., 1] = np.linspace(255, 0, side, dtype=np.uint8)[:, None]
@@ -216,8 +232,9 @@ def test_converts_and_validates_once_the_user_files_are_supplied(comfy, node_inf
 
 
 def tiny_run_prompt(comfy, node_info, workflow) -> dict:
-    """1 step (1 data-consistency step), 64 px, small kernels, 2 particles."""
+    """1 step (1 data-consistency step), 64 px (96 for SR x12), small kernels and box, 2 particles."""
     prompt = substituted(comfy, ui_to_api(workflow, node_info))
+    size = run_size(prompt)
     for node in prompt.values():
         inputs, kind = node["inputs"], node["class_type"]
         if kind in BLUR_OPERATORS:
@@ -227,7 +244,10 @@ def tiny_run_prompt(comfy, node_info, workflow) -> dict:
         if kind in ("AFDPSRestore", "AFDPSSampler"):
             inputs["particles"] = 2
         if kind == "EmptySD3LatentImage":
-            inputs.update(width=SIZE, height=SIZE)
+            inputs.update(width=size, height=size)
+        if kind == "FlowDPSOperatorBoxInpaint":
+            inputs.update(width=size, height=size, box_top=BOX[0].start, box_left=BOX[1].start,
+                          box_height=BOX[0].stop - BOX[0].start, box_width=BOX[1].stop - BOX[1].start)
         if kind in ("FlowDPSRestore", "FlowDPSSampler"):
             inputs["dc_steps"] = 1
         if kind == "FlowDPSPseudoInverse":
@@ -237,9 +257,13 @@ def tiny_run_prompt(comfy, node_info, workflow) -> dict:
 
 def test_runs_one_step_with_the_tiny_checkpoint(comfy, node_info, workflow):
     prompt = tiny_run_prompt(comfy, node_info, workflow)
+    size = run_size(prompt)
     result = comfy.run(prompt).raise_for_error()
     for node_id in of_type(prompt, *IMAGE_OUTPUTS):
-        assert tuple(result.output(node_id, 0).shape) == (1, SIZE, SIZE, 3), prompt[node_id]["class_type"]
+        assert tuple(result.output(node_id, 0).shape) == (1, size, size, 3), prompt[node_id]["class_type"]
+    for node_id in of_type(prompt, "FlowDPSSimulateMeasurement"):
+        side = size // sr_factor(prompt)
+        assert tuple(result.output(node_id, 0).shape) == (1, side, side, 3)
     saves = of_type(prompt, "SaveImage")
     assert saves
     for node_id in saves:
@@ -247,10 +271,10 @@ def test_runs_one_step_with_the_tiny_checkpoint(comfy, node_info, workflow):
         assert len(files) == 1, node_id
         assert files[0].name.startswith(Path(prompt[node_id]["inputs"]["filename_prefix"]).name + "_")
         with Image.open(files[0]) as im:
-            assert im.size == (SIZE, SIZE)
+            assert im.size == (size, size)
     for node_id in of_type(prompt, "AFDPSRestore"):
-        assert tuple(result.output(node_id, 2).shape) == (2, SIZE, SIZE, 3)  # the particles
-        assert tuple(result.output(node_id, 3).shape) == (1, SIZE, SIZE, 3)  # the uncertainty heat map
+        assert tuple(result.output(node_id, 2).shape) == (2, size, size, 3)  # the particles
+        assert tuple(result.output(node_id, 3).shape) == (1, size, size, 3)  # the uncertainty heat map
         assert result.output(node_id, 5).startswith("AFDPS: 2 particles, 1 steps")
     for node_id in of_type(prompt, "FlowDPSOperatorMotionBlur"):
         assert tuple(result.output(node_id, 1).shape) == (1, SMALL_KERNEL, SMALL_KERNEL, 3)  # the kernel
@@ -259,6 +283,10 @@ def test_runs_one_step_with_the_tiny_checkpoint(comfy, node_info, workflow):
         assert prompt[source[0]]["class_type"] == "LoadImage"
         assert source[1] == 1  # LoadImage's MASK output
         mask = result.output(source[0], 1)
-        expected = np.zeros((SIZE, SIZE), np.float32)
+        expected = np.zeros((size, size), np.float32)
         expected[BOX] = 1
         np.testing.assert_array_equal(mask[0].numpy(), expected)
+    for node_id in of_type(prompt, "FlowDPSOperatorBoxInpaint"):
+        expected = np.zeros((size, size), np.float32)
+        expected[BOX] = 1
+        np.testing.assert_array_equal(result.output(node_id, 1)[0].numpy(), expected)  # its MASK output
