@@ -27,12 +27,29 @@ Potential families ``mu_s`` (all with ``mu_0 = ||y - A D(z)||^2 / (2 sigma_y^2)`
   first-level potential is not 0: the initial noise is importance-weighted by ``exp(-mu_{s_0})`` (afdps.md
   samples that Gaussian Stage-I law exactly instead; the weights are exact too, but degenerate when ``A`` has
   many rows, so prefer ``"tweedie"`` for images).
+* ``"noised"`` on latents (``decode`` given; afdps.md §2.6, the paper-faithful VE form):
+  ``mu_s(z) = ||y - A D(z / (1 - s))||^2 / (2 (sigma_y^2 + gamma^2 (s / (1 - s))^2))`` for ``s < 1`` and
+  ``mu := 0`` at ``s = 1`` (so plain noise needs no weights). For ``D = I`` it equals the pixel form at every
+  ``s < 1``. Exact gradient ``(1 / (1 - s)) J_D^T A^T r / tau^2``: one decoder forward + VJP at ``z / (1 - s)``,
+  no back-propagation through the denoiser. Decoding noisy latents is off the VAE's manifold, so expect more
+  weight variance than ``"tweedie"``; it exists for the ODE variant, whose corrector needs an exact gradient.
 * ``"none"``: ``mu = 0``, no guidance: the plain Euler-Maruyama prior sampler (a test of the prior).
 
 W2 is the exact SMC weight of the Euler-Maruyama prior chain tilted by ``exp(-mu_0)`` at the end, for any
 proposal gradient and any intermediate potentials (afdps.md App. B): as ``P -> infinity`` the weighted particles
 target the posterior of the discretised prior, which converges to the true posterior as the grid is refined.
 ``gamma^2`` defaults to ``||A||_F^2 / m`` (mean eigenvalue of ``A A^T``), estimated with Rademacher probes.
+
+Stiffness (afdps.md §2.5 remedy ii): with ``kappa_clip = c`` the guidance factor of step ``i`` is
+``kappa_i = min(kappa, c / (dt V^2 L_i))``, ``L_i`` an estimate of the Lipschitz constant of the proposal
+gradient (``||A J_D||^2 c_s^2 / tau_s^2`` for ``tweedie``, ``||A J_D||^2 / ((1 - s)^2 tau^2)`` for ``noised``).
+W2 uses the actual proposal, so any ``kappa_i`` keeps the weights exact; the clip only removes the overshoot of
+the explicit guidance step when ``sigma_y`` is small.
+
+Variants and weights by space:
+
+* latents (``decode`` given): SDE with ``"tweedie"`` (default) or ``"noised"``, W2; ODE + corrector with
+  ``"noised"``, W2. W1 needs the Laplacian of ``mu``, which a nonlinear decoder does not give: pixel space only.
 
 Pixel-space options (``decode=None``, ``"noised"`` potential, linear ``A``; afdps.md §2.4-2.5):
 
@@ -54,7 +71,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypedDict
 
 import torch
@@ -81,11 +98,14 @@ __all__ = [
     "AFDPSResult",
     "AFDPSStepInfo",
     "adjoint_apply",
+    "clipped_kappa",
     "estimate_gamma2",
+    "estimate_jacobian_norm2",
     "estimate_operator_norm2",
     "girsanov_log_ratio",
     "langevin_move",
     "langevin_step_size",
+    "latent_noised_variance",
     "noise_variance",
     "noised_potential_rate",
     "reaction_rate",
@@ -113,10 +133,12 @@ class AFDPSConfig:
     """``"sde"``: guided Euler-Maruyama moves (AFDPS-SDE, recommended). ``"ode"``: Euler probability-flow
     predictor without guidance, then ``corrector_steps`` Langevin (ULA) steps at the next level targeting
     ``p_s' exp(-mu_s')`` (AFDPS-ODE, afdps.md §2.5); it needs the exact gradient of ``mu``, so it takes the
-    ``"noised"`` (pixel-space) or ``"none"`` potential, and costs 1 + corrector_steps denoiser calls a step."""
+    ``"noised"`` or ``"none"`` potential (pixel space or latents), and costs 1 + corrector_steps denoiser
+    calls and 1 + corrector_steps decoder gradients per particle a step."""
     potential: str = "tweedie"
-    """Potential family ``mu_s``: ``"tweedie"`` (latent or pixel space; recommended), ``"noised"`` (pixel
-    space only: ``decode`` must be ``None``) or ``"none"`` (no likelihood: samples the prior)."""
+    """Potential family ``mu_s``: ``"tweedie"`` (recommended), ``"noised"`` (the pixel form, or the VE form
+    ``mu_s(z) = ||y - A D(z / (1 - s))||^2 / (2 tau^2)`` on latents; exact gradient, for the ODE variant) or
+    ``"none"`` (no likelihood: samples the prior)."""
     weights: str = "W2"
     """``"W2"``: discrete twisted-SMC / Girsanov weights (exact for the discretised prior, no Laplacian).
     ``"W1"``: the paper's Euler discretisation of the reaction rate (afdps.md §2.4-2.5; pixel space and the
@@ -129,6 +151,10 @@ class AFDPSConfig:
     kappa: float = 1.0
     """Guidance factor ``kappa`` of the proposal drift ``-kappa V^2 g`` (>= 0; the paper's value is 1). With W2
     any value stays exact; 0 is the unguided prior proposal (plain importance sampling)."""
+    kappa_clip: float | None = None
+    """``c`` of the stiffness clip ``kappa_i = min(kappa, c / (dt V^2 L_i))`` (afdps.md §2.5 remedy ii; SDE
+    with W2 only, where it stays exact). ``None``: no clip (the paper). 0.5 keeps the explicit guidance step
+    well inside its stability limit of about 1. Needs ``||A J_D||^2`` (``operator_norm2`` or an estimate)."""
     gamma2: float | None = None
     """``gamma^2`` of the tempered variances, on the scale of ``A(x)``. ``None``: ``||A||_F^2 / m`` (the
     recommendation), estimated with ``gamma_probes`` Rademacher probes. Any value > 0 is exact; it only
@@ -149,7 +175,9 @@ class AFDPSConfig:
     """ULA step ``h = min(delta s'^2, 0.25 / (Lip + 1 / s'^2))`` (afdps.md §2.5: delta = 0.05), with
     ``Lip = ||A||_2^2 / tau_s'^2`` the Lipschitz constant of ``grad mu_s'``."""
     operator_norm2: float | None = None
-    """``||A||_2^2`` for the ULA step; ``None``: 30 power iterations of ``A^T A`` (private seed 0)."""
+    """``||A||_2^2`` (pixel space) or ``||A J_D||_2^2`` (latents, the decoder linearised) for the ULA step and
+    the kappa clip; ``None``: power iterations of ``J^T J`` (30 for a linear ``A``, 8 at the first
+    ``z0_hat`` through the decoder; private seed 0)."""
 
     def __post_init__(self) -> None:
         if self.potential not in POTENTIALS:
@@ -167,6 +195,11 @@ class AFDPSConfig:
                              f"{exact_gradient}, got {self.potential!r}")
         if not (math.isfinite(self.corrector_delta) and self.corrector_delta > 0):
             raise ValueError(f"corrector_delta must be > 0, got {self.corrector_delta!r}")
+        if self.kappa_clip is not None and not (math.isfinite(self.kappa_clip) and self.kappa_clip > 0):
+            raise ValueError(f"kappa_clip must be None or > 0, got {self.kappa_clip!r}")
+        if self.kappa_clip is not None and (self.variant != "sde" or self.weights != "W2"):
+            raise ValueError(f"kappa_clip needs the SDE variant with W2 weights (any kappa_i is exact only "
+                             f"there), got variant {self.variant!r}, weights {self.weights!r}")
         if self.operator_norm2 is not None and not (math.isfinite(self.operator_norm2) and self.operator_norm2 > 0):
             raise ValueError(f"operator_norm2 must be None or > 0, got {self.operator_norm2!r}")
         if (isinstance(self.corrector_steps, bool) or not isinstance(self.corrector_steps, int)
@@ -238,6 +271,9 @@ class AFDPSResult:
     weights are off. Unbiased for ``p(y)`` itself, so ``log`` is biased low by ~Var/2."""
     sample_index: int
     """Index of one multinomial draw from the final weights (drawn with the sampler's generator)."""
+    kappa: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64))
+    """(K,) float64 guidance factor used at each SDE step (``kappa``, or less where ``kappa_clip`` cut it);
+    empty for the ODE variant."""
 
     @property
     def weights(self) -> Tensor:
@@ -307,6 +343,44 @@ def tempered_variance(potential: str, sigma: float, sigma_y: float, gamma2: floa
     if potential == "noised":
         return (1.0 - sigma) ** 2 * sigma_y**2 + gamma2 * sigma**2
     raise ValueError(f"no tempered variance for potential {potential!r}")
+
+
+def latent_noised_variance(sigma: float, sigma_y: float, gamma2: float) -> float:
+    """``tau^2 = sigma_y^2 + gamma^2 (s / (1 - s))^2`` of the latent ``noised`` potential at ``s < 1``
+    (``= tempered_variance("noised", ...) / (1 - s)^2``)."""
+    return sigma_y**2 + gamma2 * (sigma / (1.0 - sigma)) ** 2
+
+
+def clipped_kappa(kappa: float, clip: float | None, step: float, v2: float, lipschitz: float) -> float:
+    """``min(kappa, clip / (dt V^2 L))`` (afdps.md §2.5 stiffness remedy ii); ``kappa`` without a clip."""
+    if clip is None or step * v2 * lipschitz <= 0:
+        return kappa
+    return min(kappa, clip / (step * v2 * lipschitz))
+
+
+def estimate_jacobian_norm2(fn: TensorMap, u0: Tensor, *, n_iter: int = 8, seed: int = 0,
+                            rel_eps: float = 1e-3) -> float:
+    """``||J||_2^2`` of ``fn`` at ``u0: (1, ...)`` by power iteration on ``J^T J``: ``J v`` by a central
+    difference, ``J^T`` by autograd (exact for a linear ``fn``). Deterministic (private generator)."""
+    work = torch.promote_types(u0.dtype, torch.float32)
+    g = torch.Generator(device=u0.device).manual_seed(seed)
+    with torch.inference_mode(False):
+        u0 = u0.detach().clone().to(work)
+        v = torch.randn(u0.shape, generator=g, device=u0.device, dtype=torch.float64).to(work)
+        eps = rel_eps * max(1.0, float(torch.linalg.vector_norm(u0)))
+        value = 0.0
+        for _ in range(n_iter):
+            v = v / torch.linalg.vector_norm(v)
+            with torch.no_grad():
+                jv = (fn(u0 + eps * v) - fn(u0 - eps * v)) / (2 * eps)
+            with torch.enable_grad():
+                u = u0.clone().requires_grad_(True)
+                (jtjv,) = torch.autograd.grad((fn(u) * jv).sum(), u, allow_unused=True)
+            value = float(jv.to(torch.float64).square().sum())
+            if jtjv is None:
+                return 0.0
+            v = jtjv.detach()
+    return value
 
 
 def reference_mean(z: Tensor, z0_hat: Tensor, sigma: float, step: float, eta_v: float) -> Tensor:
@@ -477,10 +551,9 @@ def sample_afdps(denoise: Denoiser, z: Tensor, sigmas: Tensor, *, forward: Tenso
                          f"got last sigma {levels[-1]:.6g}")
     if not (math.isfinite(sigma_y) and sigma_y > 0):
         raise ValueError(f"sigma_y must be > 0, got {sigma_y!r}")
-    if (config.potential == "noised" or config.variant == "ode" or config.weights == "W1") and (
-            decode is not None):
-        raise ValueError("the 'noised' potential, the ODE variant and W1 weights are for pixel space "
-                         "(decode=None); use the SDE with 'tweedie' and W2 for latents")
+    if config.weights == "W1" and decode is not None:
+        raise ValueError("W1 weights need the Laplacian of mu, which a decoder does not give: they are for "
+                         "pixel space (decode=None); use W2 for latents")
     if generator is None:
         generator = torch.Generator(device=z.device).manual_seed(DEFAULT_SEED)
     n_steps, n_particles = len(levels) - 1, z.shape[0]
@@ -512,6 +585,12 @@ def sample_afdps(denoise: Denoiser, z: Tensor, sigmas: Tensor, *, forward: Tenso
         if config.potential == "none":
             return torch.zeros(n_particles, dtype=torch.float64, device=x.device), torch.zeros_like(x)
         tau2 = tempered_variance(config.potential, sigma, sigma_y, gamma2)
+        if config.potential == "noised" and decode is not None:     # VE form on latents (afdps.md §2.6)
+            if sigma >= 1.0:
+                return torch.zeros(n_particles, dtype=torch.float64, device=x.device), torch.zeros_like(x)
+            scale, tau2 = 1.0 / (1.0 - sigma), latent_noised_variance(sigma, sigma_y, gamma2)
+            sq, grad = residual_value_and_grad(x * scale, residual_to(y), chunk)
+            return sq / (2 * tau2), (scale / tau2) * grad
         if config.potential == "noised":
             sq, grad = residual_value_and_grad(x, residual_to((1.0 - sigma) * y), chunk)
             return sq / (2 * tau2), grad / tau2
@@ -565,12 +644,31 @@ def sample_afdps(denoise: Denoiser, z: Tensor, sigmas: Tensor, *, forward: Tenso
         dmu = noised_potential_rate(2 * tau2 * mu, r_dot_y, sigma, sigma_y, gamma2)
         return step * reaction_rate(g, x, x0, sigma, v2, 0.0 if ode else config.kappa, dmu)
 
-    if ode and config.corrector_steps > 0 and config.potential != "none":
-        norm2 = config.operator_norm2 or estimate_operator_norm2(forward, pixel_shape, dtype=work, device=z.device)
+    norm2_cache: list[float] = []
+
+    def jacobian_norm2(x0: Tensor) -> float:
+        """``||A||^2`` (pixel space) or ``||A J_D||^2`` at the first ``z0_hat`` (latents), computed once."""
+        if not norm2_cache:
+            if config.operator_norm2 is not None:
+                norm2_cache.append(config.operator_norm2)
+            elif decode is None:
+                norm2_cache.append(estimate_operator_norm2(forward, pixel_shape, dtype=work, device=z.device))
+            else:
+                norm2_cache.append(estimate_jacobian_norm2(lambda u: forward(decode(u)), x0[:1]))
+        return norm2_cache[0]
+
+    def guidance_lipschitz(x0: Tensor, sigma: float) -> float:
+        """Estimate of the Lipschitz constant of the proposal gradient at level ``sigma`` (for the kappa clip)."""
+        if config.potential == "none":
+            return 0.0
+        if config.potential == "tweedie":
+            return jacobian_norm2(x0) * tweedie_gain(sigma) ** 2 / tempered_variance("tweedie", sigma, sigma_y, gamma2)
+        return jacobian_norm2(x0) / tempered_variance("noised", sigma, sigma_y, gamma2)
 
     def correct(x: Tensor, x0: Tensor, mu: Tensor, g: Tensor, sigma: float):
-        """ULA corrector at level sigma > 0; no weight change (afdps.md §2.5)."""
-        lip = 0.0 if config.potential == "none" else norm2 / tempered_variance("noised", sigma, sigma_y, gamma2)
+        """ULA corrector at level sigma > 0; no weight change (afdps.md §2.5). ``Lip(grad mu_s') =
+        ||A J_D||^2 / ((1 - s')^2 tau^2)`` for both forms of ``noised`` (``tau_s'^2`` of the pixel form)."""
+        lip = 0.0 if config.potential == "none" else guidance_lipschitz(x0, sigma)
         h = langevin_step_size(sigma, lip, config.corrector_delta)
         for _ in range(config.corrector_steps):
             x = langevin_move(x, x0, g, sigma, h, fresh_noise(x, generator))
@@ -587,6 +685,7 @@ def sample_afdps(denoise: Denoiser, z: Tensor, sigmas: Tensor, *, forward: Tenso
     logw, x = quarantine(logw, x)
     ess_trace = [effective_sample_size(logw)]
     n_resampled = 0
+    kappa_trace: list[float] = []
     logw, (x, x0_hat, mu, g), did = maybe_resample(logw, ess_trace[0], [x, x0_hat, mu, g])
     n_resampled += did
     images = x
@@ -599,8 +698,11 @@ def sample_afdps(denoise: Denoiser, z: Tensor, sigmas: Tensor, *, forward: Tenso
         if ode:                                       # Euler probability-flow predictor, no guidance
             x_new = reference_mean(x, x0_hat, sigma, step, 0.0)
         else:
+            kappa = config.kappa if config.kappa_clip is None else clipped_kappa(
+                config.kappa, config.kappa_clip, step, v2, guidance_lipschitz(x0_hat, sigma))
+            kappa_trace.append(kappa)
             xi = fresh_noise(x, generator)
-            x_new = reference_mean(x, x0_hat, sigma, step, config.eta_v) - config.kappa * v2 * step * g + (
+            x_new = reference_mean(x, x0_hat, sigma, step, config.eta_v) - kappa * v2 * step * g + (
                 noise_std * xi)
         if config.weights == "W1":                    # Euler of the reaction rate at the old state
             incr = w1_increment(x, x0_hat, mu, g, sigma, step, v2)
@@ -613,7 +715,7 @@ def sample_afdps(denoise: Denoiser, z: Tensor, sigmas: Tensor, *, forward: Tenso
         if config.weights == "W2":
             incr = mu - mu_new
             if not ode:
-                incr = incr + girsanov_log_ratio(g, xi, noise_std, config.kappa)
+                incr = incr + girsanov_log_ratio(g, xi, noise_std, kappa)
         if weighted:
             logw, d_log_z = reweight(logw, incr)
             log_z += d_log_z
@@ -650,4 +752,5 @@ def sample_afdps(denoise: Denoiser, z: Tensor, sigmas: Tensor, *, forward: Tenso
         images = torch.where(_batch_view(torch.isfinite(logw), images).bool(), images, torch.zeros_like(images))
     return AFDPSResult(particles=x.to(z.dtype), log_weights=logw, images=images.to(z.dtype),
                        ess=torch.tensor(ess_trace, dtype=torch.float64), n_resampled=int(n_resampled),
-                       log_evidence=float(log_evidence), sample_index=sample_index)
+                       log_evidence=float(log_evidence), sample_index=sample_index,
+                       kappa=torch.tensor(kappa_trace, dtype=torch.float64))

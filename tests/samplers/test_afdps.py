@@ -3,6 +3,7 @@
 The exact-posterior checks are in test_afdps_exact.py.
 """
 
+import functools
 import itertools
 import math
 
@@ -12,7 +13,9 @@ import torch.nn.functional as F
 from flowdps.samplers.afdps import (
     AFDPSConfig,
     adjoint_apply,
+    clipped_kappa,
     estimate_gamma2,
+    estimate_jacobian_norm2,
     estimate_operator_norm2,
     girsanov_log_ratio,
     langevin_move,
@@ -168,11 +171,11 @@ def forward(x):
     return x @ A.T.to(x.dtype)
 
 
-def run(n=64, steps=10, seed=0, dtype=torch.float64, config=None, denoise=PRIOR.denoise, **kwargs):
+def run(n=64, steps=10, seed=0, dtype=torch.float64, config=None, denoise=PRIOR.denoise, sigma_y=0.3, **kwargs):
     g = torch.Generator().manual_seed(seed)
     z = torch.randn(n, 3, generator=g, dtype=torch.float64).to(dtype)
     config = config or AFDPSConfig(chunk_size=None)
-    return sample_afdps(denoise, z, shifted_sigmas(steps, 3.0), forward=forward, y=Y.to(dtype), sigma_y=0.3,
+    return sample_afdps(denoise, z, shifted_sigmas(steps, 3.0), forward=forward, y=Y.to(dtype), sigma_y=sigma_y,
                         config=config, generator=g, **kwargs)
 
 
@@ -317,7 +320,7 @@ def test_input_validation():
         sample_afdps(PRIOR.denoise, z, shifted_sigmas(3), forward=forward, y=Y, sigma_y=0.0)
     with pytest.raises(ValueError, match="pixel space"):
         sample_afdps(PRIOR.denoise, z, shifted_sigmas(3), decode=lambda u: u,
-                     config=AFDPSConfig(potential="noised"), **kwargs)
+                     config=AFDPSConfig(potential="noised", weights="W1"), **kwargs)
     with pytest.raises(ValueError, match="batch dimension of 1"):
         sample_afdps(PRIOR.denoise, z, shifted_sigmas(3), forward=forward, y=Y.expand(4, 2), sigma_y=0.3)
     with pytest.raises(ValueError, match="denoise returned"):
@@ -405,16 +408,84 @@ def test_config_validation_of_the_variants(kwargs):
 
 
 @pytest.mark.parametrize("options", [{"weights": "W1"}, {"variant": "ode"}, {"variant": "ode", "weights": "W1"}])
-def test_pixel_space_variants_run_and_reject_latents(options):
+def test_noised_variants_run_and_only_w1_rejects_latents(options):
     config = AFDPSConfig(potential="noised", chunk_size=None, **options)
     infos = []
     res = run(config=config, callback=infos.append)
     assert res.particles.isfinite().all()
     assert len(infos) == 10
     assert math.isnan(res.log_evidence) == (config.weights == "W1")
-    with pytest.raises(ValueError, match="pixel space"):
-        sample_afdps(PRIOR.denoise, torch.zeros(4, 3), shifted_sigmas(3), forward=forward, y=Y.float(),
-                     sigma_y=0.3, decode=lambda u: u, config=config)
+    latent = functools.partial(sample_afdps, PRIOR.denoise, torch.zeros(4, 3), shifted_sigmas(3), forward=forward,
+                               y=Y.float(), sigma_y=0.3, decode=lambda u: u, config=config)
+    if config.weights == "W1":
+        with pytest.raises(ValueError, match="pixel space"):
+            latent()
+    else:
+        assert latent().particles.isfinite().all()
+
+
+@pytest.mark.parametrize("variant", ["sde", "ode"])
+def test_latent_noised_form_equals_the_pixel_form_for_an_identity_decoder(variant):
+    """Below s = 1, ||y - A D(z / (1 - s))||^2 / (2 (sigma_y^2 + gamma^2 (s / (1 - s))^2)) with D = I is the pixel
+    form ||(1 - s) y - A z||^2 / (2 ((1 - s)^2 sigma_y^2 + gamma^2 s^2)); same gradients, so the same run."""
+    sigmas = shifted_sigmas(8, 3.0)[1:]                  # start at s < 1, where both forms are defined
+    config = AFDPSConfig(variant=variant, potential="noised", chunk_size=None, operator_norm2=2.0)
+    z = torch.randn(32, 3, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    common = {"forward": forward, "y": Y, "sigma_y": 0.3, "config": config}
+    pixel = sample_afdps(PRIOR.denoise, z, sigmas, generator=torch.Generator().manual_seed(4), **common)
+    latent = sample_afdps(PRIOR.denoise, z, sigmas, decode=lambda u: u * 1.0,
+                          generator=torch.Generator().manual_seed(4), **common)
+    torch.testing.assert_close(latent.particles, pixel.particles)
+    torch.testing.assert_close(latent.log_weights, pixel.log_weights)
+    assert latent.n_resampled == pixel.n_resampled
+
+
+def test_latent_noised_potential_starts_from_plain_noise():
+    """At s = 1 the latent noised potential is 0: the initial weights are uniform (no Stage-I reweighting)."""
+    infos = []
+    config = AFDPSConfig(potential="noised", chunk_size=None, resample_threshold=0.0)
+    z = torch.randn(16, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    res = sample_afdps(PRIOR.denoise, z, shifted_sigmas(4, 3.0), forward=forward, y=Y, sigma_y=0.3,
+                       decode=lambda u: u, config=config, callback=infos.append)
+    assert float(res.ess[0]) == pytest.approx(16.0)
+    pixel = sample_afdps(PRIOR.denoise, z, shifted_sigmas(4, 3.0), forward=forward, y=Y, sigma_y=0.3,
+                         config=config)
+    assert float(pixel.ess[0]) < 16.0                    # the pixel form reweights the noise by exp(-mu_1)
+
+
+def test_clipped_kappa_and_jacobian_norm():
+    assert clipped_kappa(1.0, None, 0.1, 2.0, 100.0) == 1.0
+    assert clipped_kappa(1.0, 0.5, 0.1, 2.0, 100.0) == pytest.approx(0.5 / 20.0)
+    assert clipped_kappa(0.01, 0.5, 0.1, 2.0, 100.0) == 0.01          # never above kappa
+    assert clipped_kappa(1.0, 0.5, 0.1, 0.0, 100.0) == 1.0            # no noise, no guidance step to clip
+    m = torch.tensor([[2.0, 1.0, 0.0], [0.0, 1.0, 3.0]], dtype=torch.float64)
+    exact = float(torch.linalg.matrix_norm(m, 2) ** 2)
+    u0 = torch.randn(1, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert estimate_jacobian_norm2(lambda u: u @ m.T, u0, n_iter=30) == pytest.approx(exact, rel=1e-6)
+    # a nonlinear map: the Jacobian of tanh(M u) at u0 is diag(1 - tanh^2) M
+    jac = (1 - torch.tanh(u0 @ m.T)[0] ** 2)[:, None] * m
+    value = estimate_jacobian_norm2(lambda u: torch.tanh(u @ m.T), u0, n_iter=30)
+    assert value == pytest.approx(float(torch.linalg.matrix_norm(jac, 2) ** 2), rel=1e-4)
+
+
+def test_kappa_clip_cuts_the_guidance_where_it_is_stiff():
+    """sigma_y = 0.01: dt V^2 L >> 1 near the end, so the clip lowers kappa there and only there; the weights
+    use the kappa actually applied (a clipped run with kappa_i = kappa everywhere would equal the plain run)."""
+    config = AFDPSConfig(chunk_size=None, kappa_clip=0.5)
+    res = run(config=config, sigma_y=0.01)
+    assert res.kappa.shape == (10,)
+    assert float(res.kappa.min()) < 0.5
+    assert float(res.kappa.max()) == 1.0               # early steps are not stiff
+    assert res.particles.isfinite().all()
+    loose = run(config=AFDPSConfig(chunk_size=None, kappa_clip=1e9), sigma_y=0.01)
+    plain = run(config=AFDPSConfig(chunk_size=None), sigma_y=0.01)
+    assert (loose.kappa == 1.0).all()
+    torch.testing.assert_close(loose.particles, plain.particles)
+    torch.testing.assert_close(loose.log_weights, plain.log_weights)
+    for bad in ({"kappa_clip": 0.0}, {"kappa_clip": 0.5, "variant": "ode", "potential": "noised"},
+                {"kappa_clip": 0.5, "weights": "W1", "potential": "noised"}):
+        with pytest.raises(ValueError, match="kappa_clip"):
+            AFDPSConfig(**bad)
 
 
 def test_ode_without_corrector_and_without_potential_is_deterministic():
