@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -18,23 +17,28 @@ import pytest
 from PIL import Image
 
 from flowdps_dev import demo
-from flowdps_dev.graphs import TINY_CHECKPOINT
 from flowdps_dev.workflow_convert import VIRTUAL_NODES, _has_control_value, _widget_specs, ui_to_api
+from flowdps_dev.workflow_fixtures import (
+    BOX,
+    SMALL_KERNEL,
+    SR_OPERATORS,
+    of_type,
+    only,
+    run_size,
+    sr_factor,
+    substituted,
+    tiny_run_prompt,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
 CHECKPOINT = "sd3_medium_incl_clips.safetensors"
-SIZE = 64  # restored image side in the runs (tiny model, 1 step); SR x12 runs at 96 (a multiple of 12 and 16)
-SMALL_KERNEL = 7  # blur kernel size in the runs (61 does not fit a 64 px image)
 MAIN_SAMPLERS = ("FlowDPSRestore", "AFDPSRestore", "FlowDPSSampler", "AFDPSSampler", "FlowChefSampler")
-SR_OPERATORS = ("FlowDPSOperatorSRBicubic", "FlowDPSOperatorSRAvgPool")
-BLUR_OPERATORS = ("FlowDPSOperatorGaussianBlur", "FlowDPSOperatorPaperGaussianBlur", "FlowDPSOperatorMotionBlur")
 IMAGE_OUTPUTS = ("FlowDPSRestore", "AFDPSRestore", "FlowDPSPseudoInverse", "VAEDecode")
 # The paper's settings (FlowDPS, arXiv 2503.08136): 28 steps, CFG 2, shift 4, K = 3, step size 15.
 PAPER_FLOWDPS = {"dc_steps": 3, "step_size": 15.0, "step_size_end": -1.0, "norm": "paper", "sigma_y": 0.015}
 PAPER_SAMPLING = {"steps": 28, "cfg": 2.0, "shift": 4.0}
 RESIDUALS = {"auto", "measurement"}  # 'measurement' is the paper-compatible choice for motion blur
-BOX = (slice(16, 40), slice(20, 44))  # rows, columns of the inpainting test's missing area
 
 pytestmark = pytest.mark.comfy
 
@@ -78,16 +82,6 @@ def expected_widget_count(node_info, class_type: str) -> int:
         spec = specs[name]
         count += 1 + _has_control_value(name, opts, spec[0] if isinstance(spec, list | tuple) else spec)
     return count + (class_type == "LoadImage")
-
-
-def of_type(prompt: dict, *class_types: str) -> list[str]:
-    return [k for k, v in prompt.items() if v["class_type"] in class_types]
-
-
-def only(prompt: dict, *class_types: str) -> str:
-    ids = of_type(prompt, *class_types)
-    assert len(ids) == 1, (class_types, ids)
-    return ids[0]
 
 
 @pytest.fixture(params=WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
@@ -173,48 +167,6 @@ def test_main_sampler_has_the_papers_defaults(node_info, workflow):
 # ------------------------------------------------------------------------------------------- validation
 
 
-def sr_factor(prompt: dict) -> int:
-    """The SR operator's factor, 1 without one."""
-    ids = of_type(prompt, *SR_OPERATORS)
-    return prompt[only(prompt, *SR_OPERATORS)]["inputs"]["factor"] if ids else 1
-
-
-def run_size(prompt: dict) -> int:
-    """Side of the restored image in the test runs: SIZE, or the next multiple of 16 and the SR factor."""
-    step = math.lcm(16, sr_factor(prompt))
-    return step * math.ceil(SIZE / step)
-
-
-def write_test_image(comfy, prompt: dict) -> str:
-    """Write the image this workflow loads (the measurement, or a clean photo to degrade) to ComfyUI's
-    input folder; return its name."""
-    simulated = bool(of_type(prompt, "FlowDPSSimulateMeasurement"))
-    side = run_size(prompt) // (1 if simulated else sr_factor(prompt))
-    rgb = np.zeros((side, side, 3), np.uint8)
-    rgb[..., 0] = np.linspace(0, 255, side, dtype=np.uint8)[None]
-    rgb[..., 1] = np.linspace(255, 0, side, dtype=np.uint8)[:, None]
-    rgb[..., 2] = 90
-    if of_type(prompt, "FlowDPSOperatorMaskInpaint"):
-        alpha = np.full((side, side), 255, np.uint8)
-        alpha[BOX] = 0  # transparent = missing: LoadImage's MASK is 1 - alpha
-        name = f"workflow_test_{side}_rgba.png"
-        Image.fromarray(np.dstack([rgb, alpha]), "RGBA").save(comfy.input_dir / name)
-    else:
-        name = f"workflow_test_{side}.png"
-        Image.fromarray(rgb).save(comfy.input_dir / name)
-    return name
-
-
-def substituted(comfy, prompt: dict) -> dict:
-    """What a user supplies (checkpoint, photo): the tiny checkpoint and a test image."""
-    for node_id in of_type(prompt, "CheckpointLoaderSimple"):
-        prompt[node_id]["inputs"]["ckpt_name"] = TINY_CHECKPOINT
-    image = write_test_image(comfy, prompt)
-    for node_id in of_type(prompt, "LoadImage"):
-        prompt[node_id]["inputs"]["image"] = image
-    return prompt
-
-
 def test_converts_and_validates_once_the_user_files_are_supplied(comfy, node_info, workflow):
     import execution
 
@@ -223,7 +175,7 @@ def test_converts_and_validates_once_the_user_files_are_supplied(comfy, node_inf
     # motion-blur kernel preview, still validates, so the prompt as a whole may pass).
     node_errors = asyncio.run(execution.validate_prompt("shipped", prompt, None))[3]
     assert set(node_errors) == set(of_type(prompt, "CheckpointLoaderSimple", "LoadImage")), node_errors
-    prompt = substituted(comfy, prompt)
+    prompt = substituted(comfy.input_dir, prompt)
     ok, error, _, node_errors = asyncio.run(execution.validate_prompt("substituted", prompt, None))[:4]
     assert ok, (error, node_errors)
 
@@ -231,32 +183,8 @@ def test_converts_and_validates_once_the_user_files_are_supplied(comfy, node_inf
 # ------------------------------------------------------------------------------------------------- runs
 
 
-def tiny_run_prompt(comfy, node_info, workflow) -> dict:
-    """1 step (1 data-consistency step), 64 px (96 for SR x12), small kernels and box, 2 particles."""
-    prompt = substituted(comfy, ui_to_api(workflow, node_info))
-    size = run_size(prompt)
-    for node in prompt.values():
-        inputs, kind = node["inputs"], node["class_type"]
-        if kind in BLUR_OPERATORS:
-            inputs["kernel_size"] = SMALL_KERNEL
-        if kind in ("FlowDPSRestore", "AFDPSRestore", "BasicScheduler"):
-            inputs["steps"] = 1
-        if kind in ("AFDPSRestore", "AFDPSSampler"):
-            inputs["particles"] = 2
-        if kind == "EmptySD3LatentImage":
-            inputs.update(width=size, height=size)
-        if kind == "FlowDPSOperatorBoxInpaint":
-            inputs.update(width=size, height=size, box_top=BOX[0].start, box_left=BOX[1].start,
-                          box_height=BOX[0].stop - BOX[0].start, box_width=BOX[1].stop - BOX[1].start)
-        if kind in ("FlowDPSRestore", "FlowDPSSampler"):
-            inputs["dc_steps"] = 1
-        if kind == "FlowDPSPseudoInverse":
-            inputs["max_iterations"] = 5
-    return prompt
-
-
 def test_runs_one_step_with_the_tiny_checkpoint(comfy, node_info, workflow):
-    prompt = tiny_run_prompt(comfy, node_info, workflow)
+    prompt = tiny_run_prompt(comfy.input_dir, ui_to_api(workflow, node_info))
     size = run_size(prompt)
     result = comfy.run(prompt).raise_for_error()
     for node_id in of_type(prompt, *IMAGE_OUTPUTS):
