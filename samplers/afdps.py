@@ -69,6 +69,7 @@ forward + VJPs, ``chunk_size`` particles at a time (the VJP is the memory hog at
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -90,6 +91,8 @@ from .smc import (
 )
 from .types import Denoiser
 
+logger = logging.getLogger(__name__)
+
 __all__ = [
     "POTENTIALS",
     "VARIANTS",
@@ -97,6 +100,7 @@ __all__ = [
     "AFDPSConfig",
     "AFDPSResult",
     "AFDPSStepInfo",
+    "AdaptiveChunk",
     "adjoint_apply",
     "clipped_kappa",
     "estimate_gamma2",
@@ -473,32 +477,62 @@ def adjoint_apply(forward: TensorMap, y: Tensor, shape: tuple[int, ...], dtype: 
     return torch.zeros_like(u).detach() if aty is None else aty.detach()
 
 
-def residual_value_and_grad(u: Tensor, residual: TensorMap, chunk_size: int | None,
+@dataclass
+class AdaptiveChunk:
+    """A chunk size (particles per decoder pass; ``None``: all) that halves when a chunk runs out of memory,
+    down to 1, and keeps the smaller size for the rest of the run (a warning is logged each time)."""
+
+    size: int | None
+
+    def map(self, u: Tensor, fn: Callable[[Tensor], object]) -> list:
+        """``[fn(chunk) for chunk in u.split(size)]``; a chunk that raises ``torch.OutOfMemoryError`` is retried
+        with half the size. One particle out of memory re-raises, naming the size."""
+        outs, start, n = [], 0, u.shape[0]
+        while start < n:
+            part = u[start:start + (n if self.size is None else self.size)]
+            try:
+                outs.append(fn(part))
+            except torch.OutOfMemoryError as err:
+                if part.shape[0] == 1:
+                    raise torch.OutOfMemoryError(
+                        f"out of memory in the decoder pass of a single particle (shape {tuple(part.shape[1:])}): "
+                        f"reduce the image size or free memory; chunking cannot go below 1") from err
+                self.size = part.shape[0] // 2
+                logger.warning("AFDPS: out of memory with %d particles per decoder pass; retrying with %d",
+                               part.shape[0], self.size)
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                continue
+            start += part.shape[0]
+        return outs
+
+
+def residual_value_and_grad(u: Tensor, residual: TensorMap, chunk_size: int | AdaptiveChunk | None,
                             need_grad: bool = True) -> tuple[Tensor, Tensor | None]:
     """``||r(u)||^2`` per sample and ``J_r^T r`` (the gradient of ``||r||^2 / 2``) for ``r = residual(u)``.
 
     u: (P, ...); residual: (B, ...) -> (B, ...), e.g. ``A(D(u)) - y``. Evaluated ``chunk_size`` samples at a
     time in float32 (float64 stays float64) on a detached clone inside ``inference_mode(False)`` +
     ``enable_grad()`` (safe under ComfyUI's inference mode). Returns ``(sq: (P,) float64, grad: (P, ...)`` in
-    ``u``'s working dtype, or ``None`` when ``need_grad`` is false, which runs under ``no_grad``).
+    ``u``'s working dtype, or ``None`` when ``need_grad`` is false, which runs under ``no_grad``). An
+    :class:`AdaptiveChunk` halves its size when a chunk runs out of memory.
     """
     work = torch.promote_types(u.dtype, torch.float32)
-    size = u.shape[0] if chunk_size is None else chunk_size
-    values, grads = [], []
-    for part in u.split(size):
+    chunks = chunk_size if isinstance(chunk_size, AdaptiveChunk) else AdaptiveChunk(chunk_size)
+
+    def one(part: Tensor) -> tuple[Tensor, Tensor | None]:
         with torch.inference_mode(False):
             part = part.detach().clone().to(work)
-            if need_grad:
-                with torch.enable_grad():
-                    part.requires_grad_(True)
-                    r = residual(part).reshape(part.shape[0], -1)
-                    sq = r.square().sum(1)
-                    (g,) = torch.autograd.grad(0.5 * sq.sum(), part, allow_unused=True)
-                grads.append(torch.zeros_like(part) if g is None else g.detach())
-            else:
+            if not need_grad:
                 with torch.no_grad():
-                    sq = residual(part).reshape(part.shape[0], -1).square().sum(1)
-        values.append(sq.detach().to(torch.float64))
+                    return residual(part).reshape(part.shape[0], -1).square().sum(1).to(torch.float64), None
+            with torch.enable_grad():
+                part.requires_grad_(True)
+                sq = residual(part).reshape(part.shape[0], -1).square().sum(1)
+                (g,) = torch.autograd.grad(0.5 * sq.sum(), part, allow_unused=True)
+            return sq.detach().to(torch.float64), (torch.zeros_like(part) if g is None else g.detach())
+
+    values, grads = zip(*chunks.map(u, one), strict=True)
     return torch.cat(values), (torch.cat(grads) if need_grad else None)
 
 
@@ -572,13 +606,13 @@ def sample_afdps(denoise: Denoiser, z: Tensor, sigmas: Tensor, *, forward: Tenso
             return ax - target.to(device=ax.device, dtype=ax.dtype)
         return residual
 
+    chunk = AdaptiveChunk(config.chunk_size)    # halves on out-of-memory, for the rest of the run
     gamma2 = config.gamma2
     if gamma2 is None and config.potential != "none":
         with torch.no_grad():
-            image_shape = tuple(decoded(z[:1].to(work)).shape[1:])
+            image_shape = tuple(chunk.map(z[:1].to(work), decoded)[0].shape[1:])
         gamma2 = estimate_gamma2(forward, image_shape, n_probes=config.gamma_probes, dtype=work,
                                  device=z.device)
-    chunk = config.chunk_size
 
     def potential(x: Tensor, x0_hat: Tensor, sigma: float, *, first: bool) -> tuple[Tensor, Tensor]:
         """(mu_s: (P,) float64, proposal gradient g: (P, ...) work dtype) at level sigma > 0."""
@@ -603,9 +637,8 @@ def sample_afdps(denoise: Denoiser, z: Tensor, sigmas: Tensor, *, forward: Tenso
 
     def final_potential(x: Tensor) -> tuple[Tensor, Tensor]:
         """(mu_0 = ||A D(x) - y||^2 / (2 sigma_y^2): (P,) float64, decoded images (P, ...))."""
-        size = n_particles if chunk is None else chunk
         with torch.inference_mode(False), torch.no_grad():
-            images = torch.cat([decoded(part.to(work)) for part in x.split(size)]) if decode is not None else x
+            images = torch.cat(chunk.map(x, lambda part: decoded(part.to(work)))) if decode is not None else x
             if config.potential == "none":
                 return torch.zeros(n_particles, dtype=torch.float64, device=x.device), images
             sq, _ = residual_value_and_grad(images, lambda u: forward(u) - y.to(u.dtype), chunk,

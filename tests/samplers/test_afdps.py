@@ -502,3 +502,42 @@ def test_ode_without_corrector_and_without_potential_is_deterministic():
         x = x - (s - s_next) * (x - PRIOR.denoise(x, s)) / s
     torch.testing.assert_close(res.particles, x)
     assert (res.ess > 15.999).all()
+
+
+# --- memory pressure: out-of-memory in a chunk halves the chunk (issue: hardening §5) -------------------------
+
+class OOMAbove:
+    """A decoder that raises ``torch.OutOfMemoryError`` for batches larger than ``limit`` (a simulated GPU)."""
+
+    def __init__(self, limit):
+        self.limit, self.batches = limit, []
+
+    def __call__(self, u):
+        self.batches.append(u.shape[0])
+        if u.shape[0] > self.limit:
+            raise torch.OutOfMemoryError(f"simulated: {u.shape[0]} > {self.limit}")
+        return u * 1.0
+
+
+def test_out_of_memory_halves_the_chunk_and_keeps_the_result(caplog):
+    z = torch.randn(8, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    common = {"forward": forward, "y": Y, "sigma_y": 0.3}
+    reference = sample_afdps(PRIOR.denoise, z, shifted_sigmas(4, 3.0), decode=lambda u: u * 1.0,
+                             config=AFDPSConfig(chunk_size=8), generator=torch.Generator().manual_seed(1), **common)
+    decoder = OOMAbove(limit=2)
+    with caplog.at_level("WARNING", logger="flowdps.samplers.afdps"):
+        res = sample_afdps(PRIOR.denoise, z, shifted_sigmas(4, 3.0), decode=decoder,
+                           config=AFDPSConfig(chunk_size=8), generator=torch.Generator().manual_seed(1), **common)
+    torch.testing.assert_close(res.particles, reference.particles)
+    torch.testing.assert_close(res.log_weights, reference.log_weights)
+    retries = [r.getMessage() for r in caplog.records if "out of memory" in r.getMessage()]
+    assert retries == ["AFDPS: out of memory with 8 particles per decoder pass; retrying with 4",
+                       "AFDPS: out of memory with 4 particles per decoder pass; retrying with 2"]
+    assert max(decoder.batches[decoder.batches.index(2):]) == 2   # the smaller size is kept for the run
+
+
+def test_out_of_memory_with_one_particle_is_a_clear_error():
+    z = torch.randn(2, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    with pytest.raises(torch.OutOfMemoryError, match=r"single particle .* chunking cannot go below 1"):
+        sample_afdps(PRIOR.denoise, z, shifted_sigmas(3, 3.0), forward=forward, y=Y, sigma_y=0.3,
+                     decode=OOMAbove(limit=0), config=AFDPSConfig(chunk_size=2))
