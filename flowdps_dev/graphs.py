@@ -15,6 +15,16 @@ TINY_VAE = "tiny_sd3_taesd.safetensors"
 TINY_VAE_FULL = "tiny_sd3_vae_full.safetensors"
 TINY_CLIP_L = "tiny_clip_l.safetensors"
 TINY_CHECKPOINT = "tiny_sd3_ckpt.safetensors"
+# Other families (flowdps_dev/tiny_models.py). SD3.5 loads with UNETLoader; Flux and SD1.5 need their config
+# set explicitly, with the test-only node TINY_MODEL_LOADER (registered by the tests, never shipped).
+TINY_SD35_MEDIUM_UNET = "tiny_sd35_medium.safetensors"
+TINY_SD35_LARGE_UNET = "tiny_sd35_large.safetensors"
+TINY_FLUX_DEV_UNET = "tiny_flux_dev.safetensors"
+TINY_FLUX_SCHNELL_UNET = "tiny_flux_schnell.safetensors"
+TINY_FLUX_VAE = "tiny_flux_taesd.safetensors"
+TINY_SD15_UNET = "tiny_sd15.safetensors"
+TINY_SD15_VAE = "tiny_sd15_taesd.safetensors"
+TINY_MODEL_LOADER = "FlowDPSDevTinyModelLoader"
 
 
 @dataclass(frozen=True)
@@ -82,3 +92,42 @@ def sd3_text_to_image(
     image = g.add("VAEDecode", "decode", samples=sample.out(0), vae=vae).out()
     g.add("SaveImage", "save", images=image, filename_prefix=filename_prefix)
     return g.build()
+
+
+@dataclass(frozen=True)
+class TinyPrior:
+    """How a graph loads one family's tiny model: the file, its loader node, its VAE and Flux guidance."""
+
+    family: str
+    unet: str
+    vae: str
+    loader: str = "UNETLoader"
+    flux_guidance: float | None = None
+
+
+TINY_PRIORS = {
+    "sd3": TinyPrior("sd3", TINY_UNET, TINY_VAE),
+    "sd3.5-medium": TinyPrior("sd3.5-medium", TINY_SD35_MEDIUM_UNET, TINY_VAE),
+    "sd3.5-large": TinyPrior("sd3.5-large", TINY_SD35_LARGE_UNET, TINY_VAE),
+    "flux-dev": TinyPrior("flux-dev", TINY_FLUX_DEV_UNET, TINY_FLUX_VAE, TINY_MODEL_LOADER, flux_guidance=3.5),
+    "flux-schnell": TinyPrior("flux-schnell", TINY_FLUX_SCHNELL_UNET, TINY_FLUX_VAE, TINY_MODEL_LOADER),
+    "sd1.5": TinyPrior("sd1.5", TINY_SD15_UNET, TINY_SD15_VAE, TINY_MODEL_LOADER),
+}
+
+
+def prior_loaders(g: GraphBuilder, prior: TinyPrior, *, vae_name: str | None = None,
+                  prompt: str = "a photo") -> tuple[list, list, list, list]:
+    """Model, VAE, positive and negative conditioning of a tiny prior (nodes "loader", "clip", "vae", "text",
+    "negative", and "positive" = FluxGuidance for Flux dev, as a Flux workflow has it). Text goes through the
+    tiny CLIP-L in the SD3 CLIP pipeline (context 4096, pooled 2048): the tiny Flux is built for those widths."""
+    if prior.loader == "UNETLoader":
+        model = g.add("UNETLoader", "loader", unet_name=prior.unet, weight_dtype="default").out()
+    else:
+        model = g.add(prior.loader, "loader", unet_name=prior.unet).out()
+    clip = g.add("CLIPLoader", "clip", clip_name=TINY_CLIP_L, type="sd3", device="default").out()
+    vae = g.add("VAELoader", "vae", vae_name=vae_name or prior.vae).out()
+    pos = g.add("CLIPTextEncode", "text", clip=clip, text=prompt).out()
+    if prior.flux_guidance is not None:
+        pos = g.add("FluxGuidance", "positive", conditioning=pos, guidance=prior.flux_guidance).out()
+    neg = g.add("ConditioningZeroOut", "negative", conditioning=pos).out()
+    return model, vae, pos, neg

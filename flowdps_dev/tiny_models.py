@@ -17,7 +17,19 @@ Layout of ``--out`` (it is added to ComfyUI's model search paths by the harness 
                                                    ``CLIPLoader(type="sd3")``
 ``checkpoints/tiny_sd3_ckpt.safetensors``            MMDiT + TAESD + CLIP-L in one file for
                                                    ``CheckpointLoaderSimple``
+``diffusion_models/tiny_sd35_medium.safetensors``    SD3.5-medium architecture (MMDiT-X: q/k RMS norm and
+                                                   the extra image self-attention in layer 0), UNETLoader
+``diffusion_models/tiny_sd35_large.safetensors``     SD3.5-large architecture (MMDiT with q/k RMS norm)
+``diffusion_models/tiny_flux_dev.safetensors``       Flux.1-dev architecture (guidance embedding), config in
+                                                   its metadata: test-only loader (:class:`TinyModelLoader`)
+``diffusion_models/tiny_flux_schnell.safetensors``   Flux.1-schnell architecture (no guidance), same loader
+``diffusion_models/tiny_sd15.safetensors``           SD1.5-class UNet (EPS, 4 channels), same loader: for the
+                                                   "not a rectified-flow model" error
+``vae/tiny_flux_taesd.safetensors``                  16-channel TAESD with Flux's scale/shift ("taef1")
+``vae/tiny_sd15_taesd.safetensors``                  4-channel TAESD with SD1.5's scale ("taesd")
 ================================================  =====================================================
+
+``--only-missing`` builds just the files that are not there yet (about 6 s for the family models).
 
 Shape rules that ComfyUI's detection imposes (comfy/model_detection.py, comfy/sd.py of 0.3.75):
 
@@ -58,6 +70,11 @@ SD3_POOLED_DIM = 2048
 SD3_LATENT_CHANNELS = 16
 SD3_SCALE_FACTOR = 1.5305
 SD3_SHIFT_FACTOR = 0.0609
+FLUX_SCALE_FACTOR = 0.3611  # comfy/latent_formats.py Flux
+FLUX_SHIFT_FACTOR = 0.1159
+SD15_LATENT_CHANNELS = 4
+SD15_SCALE_FACTOR = 0.18215  # comfy/latent_formats.py SD15
+TINY_MODEL_METADATA = "flowdps.tiny_model"  # safetensors metadata key holding an explicit ComfyUI config
 
 
 @dataclass(frozen=True)
@@ -129,22 +146,29 @@ def comfy_mmdit_state_dict(diffusers_sd: dict[str, torch.Tensor]) -> dict[str, t
     return _contiguous(patcher.model.diffusion_model.state_dict())
 
 
-def taesd3_state_dict(seed: int) -> dict[str, torch.Tensor]:
-    """16-channel TAESD in the layout ``VAELoader`` detects (``taesd_decoder.1.weight``), SD3 scale/shift."""
+def taesd_state_dict(seed: int, scale: float, shift: float, *, channels: int = SD3_LATENT_CHANNELS
+                     ) -> dict[str, torch.Tensor]:
+    """TAESD in the layout ``VAELoader`` detects (``taesd_decoder.1.weight``) with a family's latent
+    scale/shift stored in it, as ComfyUI sets them for "taesd3" (SD3), "taef1" (Flux) and "taesd" (SD1.5)."""
     from comfy.taesd.taesd import TAESD
 
     with seeded(seed):
-        m = TAESD(latent_channels=SD3_LATENT_CHANNELS)
+        m = TAESD(latent_channels=channels)
         _reset_uninitialised(m)
     with torch.no_grad():
-        m.vae_scale.fill_(SD3_SCALE_FACTOR)
-        m.vae_shift.fill_(SD3_SHIFT_FACTOR)
+        m.vae_scale.fill_(scale)
+        m.vae_shift.fill_(shift)
         # Default init shrinks the signal at every stage and the images come out black: scale the last
         # conv so decoded images are mid-grey with visible texture (useful when looking at test outputs).
         last = m.taesd_decoder[-1]
         last.weight.mul_(12.0)
         last.bias.fill_(0.5)
     return _contiguous(m.state_dict())
+
+
+def taesd3_state_dict(seed: int) -> dict[str, torch.Tensor]:
+    """16-channel TAESD with SD3's scale/shift."""
+    return taesd_state_dict(seed, SD3_SCALE_FACTOR, SD3_SHIFT_FACTOR)
 
 
 def full_sd3_vae_state_dict(seed: int) -> dict[str, torch.Tensor]:
@@ -179,34 +203,243 @@ def clip_l_state_dict(comfy_dir: Path, seed: int) -> dict[str, torch.Tensor]:
     return _contiguous(m.state_dict(), torch.float16)
 
 
-def build_all(out: Path, comfy_dir: Path, config: TinyMMDiTConfig = TinyMMDiTConfig()) -> dict[str, Path]:
-    """Write every tiny model under ``out`` (see the module docstring) and return their paths."""
+# ------------------------------------------------------------------------------------------------------
+# The other families. SD3.5 goes through ComfyUI's own detection (UNETLoader); Flux cannot: detection
+# hard-codes 24 heads of width 128 (hidden 3072, ~0.5 B parameters even at depth 1 + 1), and the SD1.5 UNet
+# needs 320 base channels. Those files carry their ComfyUI config (supported-model class + unet_config) in
+# their safetensors metadata and are loaded by the test-only node of :func:`dev_nodes`, which builds the
+# model with ComfyUI's own classes, exactly as the loaders do after detection.
+
+TINY_FLUX_CONFIG = {
+    "image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": SD3_POOLED_DIM,
+    "context_in_dim": SD3_CONTEXT_DIM, "hidden_size": 64, "mlp_ratio": 2.0, "num_heads": 2, "depth": 1,
+    "depth_single_blocks": 1, "axes_dim": [8, 12, 12], "theta": 10000, "patch_size": 2, "qkv_bias": True,
+}
+"""Flux architecture at width 64: 2 heads of 32 (rope axes 8 + 12 + 12), one double and one single block.
+Real Flux: hidden 3072, 24 heads, 19 + 38 blocks, context 4096 (T5-XXL), pooled 768 (CLIP-L). The tiny one
+takes SD3-CLIP-shaped conditioning (context 4096, pooled 2048) so the tiny CLIP-L text path conditions it."""
+
+TINY_SD15_CONFIG = {
+    "use_checkpoint": False, "image_size": 32, "in_channels": SD15_LATENT_CHANNELS,
+    "out_channels": SD15_LATENT_CHANNELS, "model_channels": 32, "num_res_blocks": [1], "channel_mult": [1],
+    "transformer_depth": [1], "transformer_depth_output": [1, 1], "transformer_depth_middle": 1,
+    "use_spatial_transformer": True, "legacy": False, "context_dim": 768, "use_linear_in_transformer": False,
+    "adm_in_channels": None, "use_temporal_resblock": False, "use_temporal_attention": False,
+}
+"""An SD1.5-class UNet (EPS prediction, 4 latent channels, context 768) at 32 base channels."""
+
+
+def _randomise(module: torch.nn.Module) -> None:
+    """Default torch init for standard layers; RMS-norm scales (comfy's own classes, ``torch.empty``) -> 1."""
+    _reset_uninitialised(module)
+    with torch.no_grad():
+        for m in module.modules():
+            if "RMSNorm" in type(m).__name__:
+                for name in ("weight", "scale"):
+                    p = getattr(m, name, None)
+                    if isinstance(p, torch.nn.Parameter):
+                        p.fill_(1.0)
+
+
+def tiny_mmdit_x_state_dict(seed: int, *, depth: int = 2, x_block_self_attn_layers: tuple[int, ...] = (0,),
+                            pos_embed_max_size: int = 32) -> dict[str, torch.Tensor]:
+    """SD3.5-architecture MMDiT(-X): q/k RMS norm in every attention (SD3.5 medium and large) and, for the
+    layers in ``x_block_self_attn_layers``, the extra image self-attention of MMDiT-X (SD3.5 medium).
+    ComfyUI detects it as SD3 (comfy/model_detection.py) and reads both features back from the keys."""
+    from comfy.ldm.modules.diffusionmodules.mmdit import MMDiT, get_2d_sincos_pos_embed
+
+    hidden = 64 * depth
+    with seeded(seed):
+        m = MMDiT(
+            input_size=None, patch_size=2, in_channels=SD3_LATENT_CHANNELS, out_channels=SD3_LATENT_CHANNELS,
+            depth=depth, adm_in_channels=SD3_POOLED_DIM,
+            context_embedder_config={"target": "torch.nn.Linear",
+                                     "params": {"in_features": SD3_CONTEXT_DIM, "out_features": hidden}},
+            pos_embed_max_size=pos_embed_max_size, num_patches=pos_embed_max_size**2, pos_embed_scaling_factor=None,
+            qk_norm="rms", x_block_self_attn_layers=list(x_block_self_attn_layers),
+            dtype=torch.float32, device="cpu", operations=torch.nn,
+        )
+        _randomise(m)
+        with torch.no_grad():
+            m.pos_embed.copy_(torch.from_numpy(get_2d_sincos_pos_embed(hidden, pos_embed_max_size)).float()[None])
+            for name, p in m.named_parameters():
+                if name.endswith(("ln_q.weight", "ln_k.weight")):
+                    p.add_(0.1 * torch.randn_like(p))
+    return _contiguous(m.state_dict())
+
+
+def _explicit_model_state_dict(supported_model: str, unet_config: dict, seed: int
+                               ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Random weights of ``comfy.supported_models.<supported_model>(unet_config)`` and the metadata that
+    lets :class:`TinyModelLoader` rebuild it."""
+    model = _explicit_base_model(supported_model, unet_config)
+    with seeded(seed):
+        _randomise(model.diffusion_model)
+    sd = _contiguous(model.diffusion_model.state_dict())
+    metadata = {TINY_MODEL_METADATA: json.dumps({"supported_model": supported_model, "unet_config": unet_config})}
+    return sd, metadata
+
+
+def _explicit_base_model(supported_model: str, unet_config: dict):
+    import comfy.supported_models
+
+    config_class = getattr(comfy.supported_models, supported_model, None)
+    if config_class is None:
+        raise ValueError(f"comfy.supported_models has no {supported_model!r}")
+    model_config = config_class(dict(unet_config))
+    model_config.set_inference_dtype(torch.float32, None)
+    return model_config.get_model({}, "")
+
+
+@dataclass(frozen=True)
+class FamilyModel:
+    """One tiny model file of another family: its name (key of :func:`build_all`'s result), file, builder."""
+
+    name: str
+    file: str
+    seed_offset: int
+    builder: str
+    options: tuple = ()
+
+    def build(self, seed: int) -> tuple[dict[str, torch.Tensor], dict[str, str] | None]:
+        kw = dict(self.options)
+        if self.builder == "mmdit_x":
+            return tiny_mmdit_x_state_dict(seed, **kw), None
+        return _explicit_model_state_dict(kw["supported_model"], kw["unet_config"], seed)
+
+
+FAMILY_MODELS = (
+    FamilyModel("sd35_medium", "tiny_sd35_medium.safetensors", 11, "mmdit_x",
+                (("x_block_self_attn_layers", (0,)),)),
+    FamilyModel("sd35_large", "tiny_sd35_large.safetensors", 12, "mmdit_x", (("x_block_self_attn_layers", ()),)),
+    FamilyModel("flux_dev", "tiny_flux_dev.safetensors", 13, "explicit",
+                (("supported_model", "Flux"), ("unet_config", {**TINY_FLUX_CONFIG, "guidance_embed": True}))),
+    FamilyModel("flux_schnell", "tiny_flux_schnell.safetensors", 14, "explicit",
+                (("supported_model", "FluxSchnell"), ("unet_config", {**TINY_FLUX_CONFIG, "guidance_embed": False}))),
+    FamilyModel("sd15", "tiny_sd15.safetensors", 15, "explicit",
+                (("supported_model", "SD15"), ("unet_config", TINY_SD15_CONFIG))),
+)
+
+
+class TinyModelLoader:
+    """Test-only node (never shipped): loads a tiny model whose ComfyUI config is in its metadata."""
+
+    @classmethod
+    def INPUT_TYPES(cls):  # noqa: N802  (ComfyUI's V1 node API)
+        import folder_paths
+
+        return {"required": {"unet_name": (folder_paths.get_filename_list("diffusion_models"),)}}
+
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "load"
+    CATEGORY = "FlowDPS/dev"
+
+    def load(self, unet_name: str):
+        import comfy.model_management as mm
+        import comfy.model_patcher
+        import comfy.utils
+        import folder_paths
+
+        path = folder_paths.get_full_path_or_raise("diffusion_models", unet_name)
+        sd, metadata = comfy.utils.load_torch_file(path, return_metadata=True)
+        if not metadata or TINY_MODEL_METADATA not in metadata:
+            raise ValueError(f"{unet_name} has no {TINY_MODEL_METADATA} metadata: load it with UNETLoader")
+        spec = json.loads(metadata[TINY_MODEL_METADATA])
+        model = _explicit_base_model(spec["supported_model"], spec["unet_config"])
+        model.load_model_weights(sd, "")
+        return (comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
+                                                 offload_device=mm.unet_offload_device()),)
+
+
+DEV_NODE_ID = "FlowDPSDevTinyModelLoader"
+
+
+def register_dev_nodes() -> None:
+    """Add the test-only loader to ComfyUI's node table (call after ComfyUI started, in tests only)."""
+    import nodes
+
+    nodes.NODE_CLASS_MAPPINGS.setdefault(DEV_NODE_ID, TinyModelLoader)
+    nodes.NODE_DISPLAY_NAME_MAPPINGS.setdefault(DEV_NODE_ID, "Tiny model loader (FlowDPS tests)")
+
+
+def build_all(out: Path, comfy_dir: Path, config: TinyMMDiTConfig = TinyMMDiTConfig(), *,
+              only_missing: bool = False) -> dict[str, Path]:
+    """Write every tiny model under ``out`` (see the module docstring) and return their paths.
+
+    ``only_missing``: keep files that already exist (and skip building them), e.g. to add the other
+    families' models to a folder that other processes are reading.
+    """
     from safetensors.torch import save_file
 
     written: dict[str, Path] = {}
+    cache: dict[str, dict[str, torch.Tensor]] = {}
 
-    def save(name: str, rel: str, sd: dict[str, torch.Tensor]) -> None:
+    def wanted(name: str, rel: str) -> bool:
+        path = out / rel
+        if only_missing and path.is_file():
+            written[name] = path
+            return False
+        return True
+
+    def save(name: str, rel: str, sd: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
         path = out / rel
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(sd, str(path))
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(sd, str(tmp), metadata=metadata)
+        tmp.replace(path)  # readers never see a half-written file
         written[name] = path
         n = sum(v.numel() for v in sd.values())
         logger.info("%s: %.2f M params, %.1f MB", path, n / 1e6, path.stat().st_size / 1e6)
 
-    diffusers_sd = _contiguous(build_diffusers_transformer(config).state_dict())
-    save("unet_diffusers", "diffusion_models/tiny_sd3_diffusers.safetensors", diffusers_sd)
-    mmdit = comfy_mmdit_state_dict(diffusers_sd)
-    save("unet", "diffusion_models/tiny_sd3.safetensors", mmdit)
-    taesd = taesd3_state_dict(config.seed + 1)
-    save("vae", "vae/tiny_sd3_taesd.safetensors", taesd)
-    save("vae_full", "vae/tiny_sd3_vae_full.safetensors", full_sd3_vae_state_dict(config.seed + 2))
-    clip = clip_l_state_dict(comfy_dir, config.seed + 3)
-    save("clip_l", "text_encoders/tiny_clip_l.safetensors", clip)
-    ckpt = {"model.diffusion_model." + k: v for k, v in mmdit.items()}
-    ckpt.update({"first_stage_model." + k: v for k, v in taesd.items()})
-    ckpt.update({"text_encoders.clip_l.transformer." + k: v for k, v in clip.items()})
-    save("checkpoint", "checkpoints/tiny_sd3_ckpt.safetensors", ckpt)
+    def diffusers_sd() -> dict[str, torch.Tensor]:
+        if "diffusers" not in cache:
+            cache["diffusers"] = _contiguous(build_diffusers_transformer(config).state_dict())
+        return cache["diffusers"]
+
+    def mmdit() -> dict[str, torch.Tensor]:
+        if "mmdit" not in cache:
+            cache["mmdit"] = comfy_mmdit_state_dict(diffusers_sd())
+        return cache["mmdit"]
+
+    def taesd() -> dict[str, torch.Tensor]:
+        if "taesd" not in cache:
+            cache["taesd"] = taesd_state_dict(config.seed + 1, SD3_SCALE_FACTOR, SD3_SHIFT_FACTOR)
+        return cache["taesd"]
+
+    def clip() -> dict[str, torch.Tensor]:
+        if "clip" not in cache:
+            cache["clip"] = clip_l_state_dict(comfy_dir, config.seed + 3)
+        return cache["clip"]
+
+    if wanted("unet_diffusers", rel := "diffusion_models/tiny_sd3_diffusers.safetensors"):
+        save("unet_diffusers", rel, diffusers_sd())
+    if wanted("unet", rel := "diffusion_models/tiny_sd3.safetensors"):
+        save("unet", rel, mmdit())
+    if wanted("vae", rel := "vae/tiny_sd3_taesd.safetensors"):
+        save("vae", rel, taesd())
+    if wanted("vae_full", rel := "vae/tiny_sd3_vae_full.safetensors"):
+        save("vae_full", rel, full_sd3_vae_state_dict(config.seed + 2))
+    if wanted("clip_l", rel := "text_encoders/tiny_clip_l.safetensors"):
+        save("clip_l", rel, clip())
+    if wanted("checkpoint", rel := "checkpoints/tiny_sd3_ckpt.safetensors"):
+        ckpt = {"model.diffusion_model." + k: v for k, v in mmdit().items()}
+        ckpt.update({"first_stage_model." + k: v for k, v in taesd().items()})
+        ckpt.update({"text_encoders.clip_l.transformer." + k: v for k, v in clip().items()})
+        save("checkpoint", rel, ckpt)
+    build_families(out, config.seed, wanted, save)
     return written
+
+
+def build_families(out: Path, seed: int, wanted, save) -> None:
+    """The other priors (SD3.5 medium/large, Flux dev/schnell) and the SD1.5 model of the negative tests."""
+    for spec in FAMILY_MODELS:
+        if wanted(spec.name, rel := f"diffusion_models/{spec.file}"):
+            sd, metadata = spec.build(seed + spec.seed_offset)
+            save(spec.name, rel, sd, metadata)
+    if wanted("flux_vae", rel := "vae/tiny_flux_taesd.safetensors"):
+        save("flux_vae", rel, taesd_state_dict(seed + 21, FLUX_SCALE_FACTOR, FLUX_SHIFT_FACTOR))
+    if wanted("sd15_vae", rel := "vae/tiny_sd15_taesd.safetensors"):
+        save("sd15_vae", rel, taesd_state_dict(seed + 22, SD15_SCALE_FACTOR, 0.0, channels=SD15_LATENT_CHANNELS))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -215,11 +448,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--comfy", type=Path, default=None, help="ComfyUI tree (default: $COMFYUI_PATH)")
     parser.add_argument("--depth", type=int, default=TinyMMDiTConfig.depth)
     parser.add_argument("--seed", type=int, default=TinyMMDiTConfig.seed)
+    parser.add_argument("--only-missing", action="store_true",
+                        help="build only the models whose files are missing (keeps existing files)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[tiny_models] %(message)s")
     comfy_dir = add_comfy_to_path(args.comfy or os.environ.get("COMFYUI_PATH"), cpu=True)
     t0 = time.perf_counter()
-    build_all(args.out, comfy_dir, TinyMMDiTConfig(depth=args.depth, seed=args.seed))
+    build_all(args.out, comfy_dir, TinyMMDiTConfig(depth=args.depth, seed=args.seed), only_missing=args.only_missing)
     logger.info("done in %.1f s", time.perf_counter() - t0)
 
 

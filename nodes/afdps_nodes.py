@@ -31,7 +31,17 @@ from ..samplers import AFDPSConfig, AFDPSResult, sample_afdps
 from .common import CATEGORY_ROOT, CATEGORY_SAMPLERS, Operator
 from .convert import pixels_to_image
 from .decoder import GradDecoder
-from .restore_node import fit_measurement, shifted_model
+from .model_family import (
+    CFG_TOOLTIP,
+    MODEL_TOOLTIP,
+    NEGATIVE_TOOLTIP,
+    POSITIVE_TOOLTIP,
+    SHIFT_TOOLTIP,
+    check_model_and_vae,
+    restore_settings,
+    with_shift,
+)
+from .restore_node import fit_measurement
 from .sampler_nodes import make_problem
 from .sampling import RestorationProblem, check_flow_model, check_problem_fits, make_room_for_decoder
 
@@ -120,7 +130,7 @@ class AFDPSEnsembleSampler(comfy.samplers.Sampler):
         latent_image: (B, C, h, w) model space. Returns (B, C, h, w) in model space."""
         extra_args = {} if extra_args is None else extra_args
         base = model_wrap.inner_model
-        check_flow_model(base)
+        check_flow_model(base, self.problem.vae, "AFDPS")
         if denoise_mask is not None:
             raise ValueError("AFDPS does not use a latent noise_mask: remove it from the latent and describe the "
                              "missing region with an inpainting operator instead")
@@ -238,8 +248,9 @@ class AFDPSSampler(io.ComfyNode):
                 "AFDPS ensemble posterior sampler (arXiv 2506.03979, rectified-flow form of afdps.md) for "
                 "SamplerCustomAdvanced: every image gets its own P weighted particles, moved by a guided SDE with "
                 "exact twisted-SMC weights and resampled when the ESS drops. Each output batch item is the best "
-                "particle, the weighted mean latent or one weighted draw. Use an SD3-family model, a SIGMAS "
-                "schedule ending at 0, CFG 1-2. Costs P model calls per step and image."
+                "particle, the weighted mean latent or one weighted draw. Use a rectified-flow model (SD3, SD3.5, "
+                "Flux), a SIGMAS schedule ending at 0, CFG 1-2 (Flux: CFG 1 with FluxGuidance). Costs P model calls "
+                "per step and image."
             ),
             inputs=[
                 io.Vae.Input("vae", tooltip="The model's VAE; a private copy of its decoder is differentiated."),
@@ -280,25 +291,25 @@ class AFDPSRestore(io.ComfyNode):
             display_name="AFDPS Restore",
             category=CATEGORY_ROOT,
             description=(
-                "Restores a degraded photo (super-resolution, deblurring, inpainting) with an SD3-family model by "
-                "AFDPS ensemble posterior sampling (arXiv 2506.03979): P weighted particles per photo. Outputs the "
+                "Restores a degraded photo (super-resolution, deblurring, inpainting) with a rectified-flow model "
+                "(SD3, SD3.5, Flux; shift and CFG 0 pick the family's defaults) by AFDPS ensemble posterior "
+                "sampling (arXiv 2506.03979): P weighted particles per photo. Outputs the "
                 "best particle, the weighted mean, all particles (best first), the per-pixel posterior spread "
                 "(heat map and mask) and a text report. The output size follows from the operator and the "
                 "measurement and must be a multiple of 16 pixels (otherwise the measurement is cropped)."
             ),
             inputs=[
-                io.Model.Input("model", tooltip="A rectified-flow model (SD3, SD3.5) from ComfyUI's loaders."),
-                io.Conditioning.Input("positive", tooltip="What the photo shows."),
-                io.Conditioning.Input("negative", tooltip="Negative prompt (ConditioningZeroOut for none)."),
+                io.Model.Input("model", tooltip=MODEL_TOOLTIP),
+                io.Conditioning.Input("positive", tooltip=POSITIVE_TOOLTIP),
+                io.Conditioning.Input("negative", tooltip=NEGATIVE_TOOLTIP),
                 io.Vae.Input("vae", tooltip="The model's VAE; a private copy of its decoder is differentiated."),
                 io.Image.Input("measurement", tooltip="The degraded photo."),
                 Operator.Input("operator", tooltip="The degradation that produced the photo (operator nodes)."),
                 io.Int.Input("particles", default=8, min=1, max=256, tooltip=PARTICLES_TOOLTIP),
                 io.Int.Input("steps", default=28, min=1, max=1000, tooltip="Sampling steps."),
-                io.Float.Input("cfg", default=2.0, min=0.0, max=30.0, step=0.1,
-                               tooltip="Classifier-free guidance scale (afdps.md: 1-2; 1 keeps the weights exact)."),
-                io.Float.Input("shift", default=4.0, min=0.01, max=100.0, step=0.01,
-                               tooltip="Time shift of the flow schedule for this run only (SD3's default is 3.0)."),
+                io.Float.Input("cfg", default=0.0, min=0.0, max=30.0, step=0.1,
+                               tooltip=CFG_TOOLTIP + " afdps.md: 1-2; 1 keeps the weights exact."),
+                io.Float.Input("shift", default=0.0, min=0.0, max=100.0, step=0.01, tooltip=SHIFT_TOOLTIP),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                              tooltip="Seed of the particles' noise, the SDE noise and the resampling."),
                 *ensemble_inputs(),
@@ -321,15 +332,15 @@ class AFDPSRestore(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, negative, vae, measurement, operator, particles, steps, cfg, shift, seed,
                 eta, kappa, ess_threshold, chunk_size, sigma_y) -> io.NodeOutput:
-        if not shift > 0:
-            raise ValueError(f"shift must be > 0, got {shift}")
+        check_model_and_vae(model, vae, "AFDPS Restore")
         problem = make_afdps_problem(vae, operator, measurement, sigma_y)
         config = make_config(eta, kappa, ess_threshold, chunk_size)
         y, image_shape = fit_measurement(operator, problem.measurement)
         problem = dataclasses.replace(problem, measurement=y)
+        settings = restore_settings(model, shift, cfg, image_shape[2], image_shape[3])
+        logger.info("AFDPS Restore: %s", settings.describe())
 
-        patched = shifted_model(model, shift)
-        check_flow_model(patched.model)
+        patched = with_shift(model, settings.shift)
         channels = patched.get_model_object("latent_format").latent_channels
         ratio = vae.upscale_ratio
         latent = torch.zeros(y.shape[0], channels, image_shape[2] // ratio, image_shape[3] // ratio)
@@ -339,7 +350,7 @@ class AFDPSRestore(io.ComfyNode):
         sigmas = comfy.samplers.calculate_sigmas(patched.get_model_object("model_sampling"), "simple", steps)
         guider = comfy.samplers.CFGGuider(patched)
         guider.set_conds(positive, negative)
-        guider.set_cfg(cfg)
+        guider.set_cfg(settings.cfg)
         callback = latent_preview.prepare_callback(patched, steps)
         guider.sample(noise, latent, sampler, sigmas, callback=callback,
                       disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)

@@ -13,12 +13,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import comfy.model_management as mm
-import comfy.model_sampling
 import torch
 
 from ..operators import AvgPoolSR, BicubicSR, Composed
 from ..samplers import FlowChefConfig, FlowDPSConfig, measurement_loss, sample_flow_posterior
 from .decoder import GradDecoder
+from .model_family import check_rectified_flow, check_vae_matches
 
 logger = logging.getLogger(__name__)
 
@@ -63,13 +63,12 @@ def is_super_resolution(operator: Any) -> bool:
     return isinstance(operator, Composed) and is_super_resolution(operator.outer)
 
 
-def check_flow_model(base_model: Any) -> None:
-    """Our samplers need a rectified-flow model (ComfyUI's CONST sampling: SD3, SD3.5, Flux)."""
-    sampling = getattr(base_model, "model_sampling", None)
-    if not isinstance(sampling, comfy.model_sampling.CONST):
-        kind = type(sampling).__mro__[1].__name__ if sampling is not None else "unknown"
-        raise ValueError(f"FlowDPS needs a rectified-flow model (SD3, SD3.5, Flux); this model's sampling type "
-                         f"is {kind} ({type(base_model).__name__})")
+def check_flow_model(base_model: Any, vae: Any = None, node: str = "FlowDPS") -> None:
+    """Our samplers need a rectified-flow model (ComfyUI's CONST sampling: SD3, SD3.5, Flux) and, when
+    ``vae`` is given, a VAE with the model's latent channels (model_family.py; raises ValueError)."""
+    check_rectified_flow(base_model, node)
+    if vae is not None:
+        check_vae_matches(base_model, vae, node)
 
 
 def decoded_shape(vae: Any, latent_shape: torch.Size) -> tuple[int, int, int, int]:
@@ -121,7 +120,7 @@ def sample_posterior(model, x, sigmas, extra_args=None, callback=None, disable=N
     """
     extra_args = {} if extra_args is None else extra_args
     base = model.inner_model.inner_model
-    check_flow_model(base)
+    check_flow_model(base, problem.vae)
     check_problem_fits(problem, x.shape)
     seed = int(extra_args.get("seed") or 0)
     generator = torch.Generator(device=x.device).manual_seed(seed)

@@ -104,3 +104,18 @@ def progress(comfy):
     yield install
     comfy.utils.set_progress_bar_global_hook(None)
     args.preview_method = method
+
+
+@pytest.fixture(scope="session")
+def tiny_families(comfy):
+    """The other families' tiny models (SD3.5, Flux, SD1.5) and the test-only loader their graphs use."""
+    from flowdps_dev import graphs, tiny_models
+
+    models = comfy.models_dir
+    missing = [p.unet for p in graphs.TINY_PRIORS.values()
+               if models is None or not (models / "diffusion_models" / p.unet).is_file()]
+    if missing:
+        pytest.fail(f"tiny models {missing} are missing from {models}: run `make setup` (or "
+                    f"`python -m flowdps_dev.tiny_models --out <models> --only-missing`)", pytrace=False)
+    tiny_models.register_dev_nodes()
+    return graphs.TINY_PRIORS
