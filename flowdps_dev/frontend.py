@@ -149,9 +149,17 @@ class Frontend:
         self.proc.stdin.flush()
         return self._answer(timeout)
 
-    def load(self, workflow: dict, name: str) -> dict:
-        """Load a UI-format workflow like a user opening it; returns the frontend's findings and its prompt."""
+    def load(self, workflow: dict | None, name: str, *, template_module: str | None = None) -> dict:
+        """Load a UI-format workflow like a user opening it; returns the frontend's findings and its prompt.
+        With ``template_module`` (the pack's folder in custom_nodes) the page fetches ``<name>`` from the
+        server's template route and loads that, as the template browser does."""
+        if template_module:
+            return self.request("load", name=name, template={"module": template_module, "name": Path(name).stem})
         return self.request("load", workflow=workflow, name=name)
+
+    def templates(self) -> dict[str, list[str]]:
+        """The template browser's custom-node workflows: ``{pack folder: [names]}``."""
+        return self.request("templates")["templates"]
 
     def queue(self, prompt: dict, *, screenshot: str | os.PathLike | None = None, timeout: float = 300.0) -> dict:
         """Queue an API prompt through the frontend's client with the loaded workflow; wait for /history."""
@@ -223,6 +231,8 @@ class BrowserRun:
             out.append("not queued")
         elif not self.queued.get("queued"):
             out.append(f"/prompt refused the frontend's prompt: {json.dumps(self.queued.get('error'))[:3000]}")
+        elif self.queued.get("node_errors"):  # /prompt runs the outputs that validate and names the others
+            out.append(f"/prompt found errors in the frontend's prompt: {json.dumps(self.queued['node_errors'])[:3000]}")
         elif not self.queued.get("finished"):
             out.append(f"the run did not finish within the time limit ({self.queued.get('seconds')} s)")
         elif self.history.get("status", {}).get("status_str") != "success":
@@ -244,14 +254,16 @@ def _image_sizes(server, outputs: dict) -> dict[str, list[tuple[int, int]]]:
 
 
 def run_workflow(fe: Frontend, server, path: Path, *, screenshot: Path | None = None, timeout: float = 600.0,
-                 prepare: Callable[[dict], None] | None = None) -> BrowserRun:
-    """Load ``path`` in the editor, take the frontend's prompt, substitute the tiny models and a test image
+                 template_module: str | None = None, prepare: Callable[[dict], None] | None = None) -> BrowserRun:
+    """Load ``path`` in the editor (from the server's template route with ``template_module``), take the
+    frontend's prompt, substitute the tiny models and a test image
     (:func:`flowdps_dev.workflow_fixtures.tiny_run_prompt`; then ``prepare(prompt)`` if given), queue it from
     the page and collect the images."""
     from .workflow_fixtures import tiny_run_prompt
 
     t0 = time.monotonic()
-    run = BrowserRun(path.stem, fe.load(json.loads(path.read_text(encoding="utf-8")), path.name))
+    workflow = None if template_module else json.loads(path.read_text(encoding="utf-8"))
+    run = BrowserRun(path.stem, fe.load(workflow, path.name, template_module=template_module))
     run.seconds["load"] = round(time.monotonic() - t0, 2)
     if run.loaded.get("missing_types") or not run.prompt:
         return run

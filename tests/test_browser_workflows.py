@@ -2,7 +2,8 @@
 
 ComfyUI's server runs on loopback with the pack and the tiny models (fixture ``comfy_server``); Debian's
 chromium, driven by playwright-core (``flowdps_dev/browser/run_workflows.mjs``, installed by the set-up),
-opens the app once. For each workflow, as a user opening the file would: ``app.loadGraphData`` must show no
+opens the app once; its template browser must list every workflow. For each workflow, as a user opening it
+from the template browser would (fetched from the server's template route): ``app.loadGraphData`` must show no
 missing-node dialog, leave no node type unknown and log no console error; the frontend's own
 ``app.graphToPrompt()`` gives the prompt, which must equal our converter's (the headless tests use that one);
 the user's files are swapped for the tiny checkpoint and a test image (``flowdps_dev.workflow_fixtures``);
@@ -21,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from flowdps_dev import frontend as fe_mod
+from flowdps_dev.comfy_env import PACK_FOLDER
 from flowdps_dev.graphs import TINY_CHECKPOINT
 from flowdps_dev.workflow_convert import ui_to_api
 from flowdps_dev.workflow_fixtures import expected_images, of_type
@@ -96,6 +98,11 @@ def test_app_starts_with_every_pack_node_and_no_console_error(frontend, comfy_se
     assert pack_nodes <= set(startup["registered_types"])
 
 
+def test_the_template_browser_lists_every_workflow(frontend):
+    templates = frontend.templates()
+    assert sorted(templates.get(PACK_FOLDER, [])) == sorted(p.stem for p in WORKFLOWS), templates
+
+
 def test_a_missing_node_type_is_caught(frontend):
     """The load check itself: a workflow with an unknown node type is reported (dialog and type)."""
     workflow = load(WORKFLOWS[0])
@@ -106,16 +113,33 @@ def test_a_missing_node_type_is_caught(frontend):
     assert any("FlowDPSNoSuchNode" in d for d in loaded["dialogs"]), loaded["dialogs"]
 
 
+def test_a_prompt_with_node_errors_is_reported(frontend):
+    """The queue check itself: the frontend's prompt with files that do not exist is refused by /prompt (or, when
+    some output still validates, queued without the invalid ones); either way the node errors come back."""
+    run = fe_mod.BrowserRun("node_errors", frontend.load(load(WORKFLOWS[0]), WORKFLOWS[0].name))
+    prompt = run.prompt
+    for node_id in of_type(prompt, "CheckpointLoaderSimple"):
+        prompt[node_id]["inputs"]["ckpt_name"] = "no_such_checkpoint.safetensors"
+    for node_id in of_type(prompt, "LoadImage"):
+        prompt[node_id]["inputs"]["image"] = "no_such_photo.png"
+    run.queued = frontend.queue(prompt, timeout=120)
+    node_errors = run.queued["node_errors"] if run.queued["queued"] else run.queued["error"]["node_errors"]
+    assert set(node_errors) == set(of_type(prompt, "CheckpointLoaderSimple", "LoadImage")), node_errors
+    assert any("/prompt" in p for p in run.problems()), run.problems()
+
+
 @pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
 def test_workflow_loads_converts_and_runs_in_the_frontend(frontend, comfy_server, node_info, path):
     workflow = load(path)
     screenshot = ARTEFACTS / f"{path.stem}.png"
-    run = fe_mod.run_workflow(frontend, comfy_server, path, screenshot=screenshot)
+    run = fe_mod.run_workflow(frontend, comfy_server, path, screenshot=screenshot, template_module=PACK_FOLDER)
     frontend.results[path.stem] = {"seconds": run.seconds, "problems": run.problems(),
                                    "images": {k: v for k, v in run.image_sizes.items()},
                                    "ignored_console": run.loaded.get("ignored", []) + run.queued.get("ignored", [])}
     assert not run.problems(), f"{path.name} in the ComfyUI frontend:\n" + "\n".join(run.problems())
 
+    # opened from the template browser's route: the served file is the shipped one
+    assert run.loaded["template_workflow"] == workflow
     # the frontend's graph-to-prompt is what our converter (used by the headless tests) produces
     ours = ui_to_api(workflow, node_info)
     assert api_view(run.prompt, node_info) == api_view(ours, node_info)

@@ -6,8 +6,10 @@
 // (all diagnostics go to stderr). flowdps_dev/frontend.py is the Python side; it decides what to substitute
 // between `load` and `queue`, so the prompt that runs is the frontend's own graph-to-prompt conversion.
 //
-//   {"cmd": "load", "name": "x.json", "workflow": {...}}
-//       app.loadGraphData(workflow) -> {missing_types, dialogs, errors, prompt (app.graphToPrompt().output), ...}
+//   {"cmd": "load", "name": "x.json", "workflow": {...}}  or  {"cmd": "load", "name": .., "template": {module, name}}
+//       app.loadGraphData(workflow) -> {missing_types, dialogs, errors, prompt (app.graphToPrompt().output), ...};
+//       with `template` the workflow is fetched from the server's template route, as the template browser does
+//   {"cmd": "templates"}  -> the template browser's list of custom-node workflows
 //   {"cmd": "queue", "prompt": {...}, "screenshot": "out/x.png", "timeout_s": 300}
 //       api.queuePrompt(prompt, with the loaded UI workflow) -> waits for /history -> screenshot
 //   {"cmd": "screenshot", "path": "x.png"}      {"cmd": "quit"}
@@ -128,12 +130,30 @@ async function settle() {
 
 let loaded = null;  // {name, workflow} as the frontend serialises it (app.graphToPrompt().workflow)
 
-async function load({ name, workflow }) {
+async function load({ name, workflow, template }) {
   const t = Date.now();
   takeEvents();
   await closeDialogs();
-  await page.evaluate(async ([wf, n]) => { await window.app.loadGraphData(wf, true, true, n); }, [workflow, name]);
-  await page.waitForTimeout(700);  // dialogs (missing nodes / models) open asynchronously after the load
+  let fetched = null;
+  if (template) {
+    // as the template browser does: fetch <api>/workflow_templates/<pack folder>/<name>.json, then load it
+    fetched = await page.evaluate(async ([mod, n]) => {
+      const r = await fetch(window.app.api.apiURL(`/workflow_templates/${mod}/${n}.json`));
+      return r.ok ? r.json() : { http_status: r.status };
+    }, [template.module, template.name]);
+    if (fetched.http_status) throw new Error(`template ${template.module}/${template.name}: HTTP ${fetched.http_status}`);
+    workflow = fetched;
+  }
+  await page.evaluate(async ([wf, n, tpl]) => {
+    await window.app.loadGraphData(wf, true, true, n, tpl ? { openSource: 'template' } : {});
+  }, [workflow, name, Boolean(template)]);
+  // the missing-nodes / missing-models dialogs open asynchronously after the load (the latter after a look at
+  // the model folders): wait for one where the graph can raise one, at most 5 s, and always 0.7 s
+  const mayWarn = await page.evaluate(() => window.app.graph.nodes.some((n) =>
+    !(n.type in window.LiteGraph.registered_node_types) || n.has_errors || n.properties?.models?.length));
+  const deadline = Date.now() + (mayWarn ? 5000 : 700);
+  await page.waitForTimeout(700);
+  while (!(await visibleDialogs()).length && Date.now() < deadline) await page.waitForTimeout(100);
   await settle();
   const dialogs = await visibleDialogs();
   const graph = await page.evaluate(() => {
@@ -150,7 +170,8 @@ async function load({ name, workflow }) {
   await settle();
   const { output, workflow: serialised } = await page.evaluate(() => window.app.graphToPrompt());
   loaded = { name, workflow: serialised };
-  return { seconds: (Date.now() - t) / 1000, dialogs, ...graph, prompt: output, ...takeEvents() };
+  return { seconds: (Date.now() - t) / 1000, dialogs, ...graph, prompt: output, template_workflow: fetched,
+           ...takeEvents() };
 }
 
 async function queue({ prompt, screenshot, timeout_s = 300 }) {
@@ -178,20 +199,25 @@ async function queue({ prompt, screenshot, timeout_s = 300 }) {
     await sleep(250);
   }
   const seconds = (Date.now() - t) / 1000;
-  if (!entry) return { queued: true, prompt_id: id, finished: false, seconds, ...takeEvents() };
+  if (!entry) return { queued: true, prompt_id: id, node_errors: queued.node_errors, finished: false, seconds, ...takeEvents() };
   // the editor shows each SaveImage / PreviewImage result on its node once the `executed` message arrived
   const shown = await page.waitForFunction((outputs) => {
     const nodes = window.app.graph.nodes.filter((n) => outputs.includes(String(n.id)));
     return nodes.every((n) => n.imgs?.length > 0) ? nodes.map((n) => String(n.id)) : false;
-  }, Object.keys(entry.outputs || {}).filter((k) => entry.outputs[k].images?.length), { timeout: 15000 })
+  }, Object.keys(entry.outputs || {}).filter((k) => entry.outputs[k].images?.length), { timeout: 30000 })
     .then((h) => h.jsonValue()).catch(() => null);
   await settle();
   if (screenshot) {
     fs.mkdirSync(path.dirname(screenshot), { recursive: true });
     await page.screenshot({ path: screenshot });
   }
-  return { queued: true, prompt_id: id, finished: true, status: entry.status?.status_str ?? null,
-           seconds, images_shown_on: shown, ...takeEvents() };
+  return { queued: true, prompt_id: id, node_errors: queued.node_errors, finished: true,
+           status: entry.status?.status_str ?? null, seconds, images_shown_on: shown, ...takeEvents() };
+}
+
+async function templates() {
+  // the template browser's list of custom-node templates: {pack folder: [workflow names]}
+  return { templates: await page.evaluate(() => window.app.api.getWorkflowTemplates()) };
 }
 
 async function shot({ path: file, fit = true }) {
@@ -208,7 +234,7 @@ function reply(obj) {
 }
 
 // ------------------------------------------------------------------------------------------- command loop
-const handlers = { load, queue, screenshot: shot };
+const handlers = { load, queue, templates, screenshot: shot };
 const lines = readline.createInterface({ input: process.stdin });
 for await (const line of lines) {
   if (!line.trim()) continue;
