@@ -301,7 +301,6 @@ def main(argv: list[str] | None = None) -> int:
     workflow = Path(args.workflow)
     photo = demo.photo_path(args.photo)
     work_dir = Path(args.work_dir)
-    shutil.rmtree(work_dir, ignore_errors=True)
 
     def user_photo(prompt: dict) -> None:
         """The run reads the photo too, at the size the test run needs (instead of the test gradient)."""

@@ -28,10 +28,16 @@ if [ ! -x "$CHROMIUM" ]; then
     fi
   fi
   export DEBIAN_FRONTEND=noninteractive
-  # a fresh machine has no package lists yet: update only when apt does not know the package
-  apt-cache show chromium > /dev/null 2>&1 || "${SUDO[@]}" apt-get update -q
-  "${SUDO[@]}" apt-get install -y -q chromium > "$CACHE/apt-chromium.log" 2>&1 \
-    || { tail -20 "$CACHE/apt-chromium.log"; log "apt-get install chromium failed (log: $CACHE/apt-chromium.log)"; exit 1; }
+  mkdir -p "$CACHE"
+  # a fresh machine has no package lists yet: update when apt does not know the package, or when the install
+  # fails (stale lists name files the mirror no longer has), then try once more
+  UPDATED=0
+  if ! apt-cache show chromium > /dev/null 2>&1; then "${SUDO[@]}" apt-get update -q > "$CACHE/apt-update.log" 2>&1; UPDATED=1; fi
+  if ! "${SUDO[@]}" apt-get install -y -q chromium > "$CACHE/apt-chromium.log" 2>&1; then
+    [ "$UPDATED" = 1 ] || "${SUDO[@]}" apt-get update -q > "$CACHE/apt-update.log" 2>&1 || true
+    "${SUDO[@]}" apt-get install -y -q chromium > "$CACHE/apt-chromium.log" 2>&1 \
+      || { tail -20 "$CACHE/apt-chromium.log"; log "apt-get install chromium failed (log: $CACHE/apt-chromium.log)"; exit 1; }
+  fi
   [ -x "$CHROMIUM" ] || { log "apt-get installed chromium but $CHROMIUM does not exist"; exit 1; }
   log "chromium installed with apt-get in $(elapsed "$T") s"
 fi
