@@ -60,11 +60,16 @@ class PromptOutcome:
 
 
 class ComfyServer:
-    """A running ``main.py --cpu`` subprocess; use as a context manager or call :meth:`stop`."""
+    """A running ``main.py --cpu`` subprocess; use as a context manager or call :meth:`stop`.
+
+    ``checkpoint_dirs`` adds folders to the checkpoint search path; ``cpu=False`` lets ComfyUI pick its GPU
+    (with ``extra_args=("--cuda-device", "1")`` for a given one).
+    """
 
     def __init__(self, comfy_path: str | os.PathLike | None = None, *, models_dir: str | os.PathLike | None = None,
                  work_dir: str | os.PathLike, port: int | None = None, python: str | None = None,
-                 extra_args: tuple[str, ...] = ()) -> None:
+                 extra_args: tuple[str, ...] = (), checkpoint_dirs: tuple[str | os.PathLike, ...] = (),
+                 cpu: bool = True) -> None:
         self.comfy_dir = resolve_comfy_path(comfy_path)
         self.work_dir = Path(work_dir)
         self.port = port or free_port()
@@ -81,9 +86,11 @@ class ComfyServer:
             lines += [f"  {kind}: {kind}" for kind in MODEL_KINDS]
         else:
             lines.append(f"  base_path: {self.work_dir}")
+        for i, folder in enumerate(checkpoint_dirs):  # extra folders searched for checkpoints (e.g. a user's file)
+            lines += [f"flowdps_checkpoints_{i}:", f"  base_path: {Path(folder).resolve()}", "  checkpoints: ."]
         config.write_text("\n".join(lines) + "\n")
         self.cmd = [
-            python or sys.executable, "main.py", "--cpu", "--listen", HOST, "--port", str(self.port),
+            python or sys.executable, "main.py", *(["--cpu"] if cpu else []), "--listen", HOST, "--port", str(self.port),
             "--disable-auto-launch", "--disable-api-nodes", "--preview-method", "none",
             "--disable-all-custom-nodes", "--whitelist-custom-nodes", PACK_FOLDER,
             "--extra-model-paths-config", str(config),
