@@ -8,7 +8,7 @@ CACHE ?= .cache
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 
-.PHONY: setup test lint unit clean demo
+.PHONY: setup test lint unit clean demo bench eval
 
 setup:
 	@COMFYUI_PATH="$(COMFYUI_PATH)" VENV="$(abspath $(VENV))" CACHE="$(abspath $(CACHE))" bash flowdps_dev/setup.sh
@@ -23,6 +23,22 @@ test: setup lint
 # DEMO_ARGS="--ckpt /path/to/sd3_medium_incl_clips.safetensors"); writes out/demo/. Options: --help.
 demo: setup
 	source $(CACHE)/env.sh && $(PY) flowdps_dev/demo.py $(DEMO_ARGS)
+
+# Benchmarks (benchmarks/bench.py): cost split per step, bare-loop floor, memory vs particles, decoder-gradient
+# options; writes benchmarks/results.json and the summary in benchmarks/README.md. BENCH_ARGS="--quick" checks it.
+BENCH_ARGS ?=
+bench: setup
+	source $(CACHE)/env.sh && FLOWDPS_BENCH_MAKE=1 $(PY) benchmarks/bench.py $(BENCH_ARGS)
+
+# The paper's protocol on a folder of clean images through ComfyUI servers (evaluation/, python -m evaluation):
+#   make eval DATA=path/to/images MODEL=sd3_medium_incl_clips.safetensors EVAL_ARGS="--server http://gpu1:8188"
+# Without --server it starts a local server; MODEL may then be a checkpoint file. Options: --help.
+DATA ?=
+MODEL ?=
+EVAL_ARGS ?=
+eval: setup
+	@if [ -z "$(DATA)" ] || [ -z "$(MODEL)" ]; then echo "make eval needs DATA=<folder of clean images> and MODEL=<SD3 checkpoint name or file>" >&2; exit 2; fi
+	source $(CACHE)/env.sh && $(PY) -m evaluation --data "$(DATA)" --model "$(MODEL)" $(EVAL_ARGS)
 
 clean:
 	rm -rf $(CACHE)/models $(CACHE)/env.sh .pytest_cache .ruff_cache
