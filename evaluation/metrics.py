@@ -128,3 +128,41 @@ def lpips_availability() -> Availability:
 def fid_availability() -> Availability:
     """FID runs only with ``pytorch_fid`` and its Inception weights already on disk."""
     return _available("FID", "pytorch_fid", FID_INCEPTION_WEIGHTS)
+
+
+def _to_tensor(image: np.ndarray):
+    """uint8 ``(H, W, 3)`` -> float32 tensor ``(1, 3, H, W)`` in [-1, 1]."""
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float() / 127.5 - 1.0
+
+
+def lpips_scores(pairs: list[tuple[np.ndarray, np.ndarray]]) -> list[float]:
+    """LPIPS (AlexNet) of (restored, truth) uint8 pairs; call only when :func:`lpips_availability` says so
+    (torchvision then finds AlexNet's weights in the hub cache and downloads nothing). Lower is better."""
+    import lpips
+    import torch
+
+    net = lpips.LPIPS(net="alex", verbose=False).eval()
+    with torch.no_grad():
+        return [float(net(_to_tensor(a), _to_tensor(b))) for a, b in pairs]
+
+
+def fid_score(restored: list[np.ndarray], truth: list[np.ndarray]) -> float:
+    """FID between the restored and the ground-truth sets (Inception pool3, 2048-d), with pytorch-fid's model;
+    call only when :func:`fid_availability` says so. Needs at least 2 images per set. Lower is better."""
+    import torch
+    from pytorch_fid.fid_score import calculate_frechet_distance
+    from pytorch_fid.inception import InceptionV3
+
+    if min(len(restored), len(truth)) < 2:
+        raise ValueError(f"FID needs at least 2 images per set, got {len(restored)} and {len(truth)}")
+    model = InceptionV3([InceptionV3.BLOCK_INDEX_BY_DIM[2048]]).eval()
+
+    def stats(images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        with torch.no_grad():
+            feats = np.concatenate([model((_to_tensor(x) + 1) / 2)[0].flatten(1).numpy() for x in images])
+        return feats.mean(0), np.cov(feats, rowvar=False)
+
+    (mu1, s1), (mu2, s2) = stats(restored), stats(truth)
+    return float(calculate_frechet_distance(mu1, s1, mu2, s2))

@@ -240,10 +240,26 @@ def run(config: EvalConfig, clients: Sequence[ComfyClient], *, progress_stream=N
 CSV_FIELDS = ("key", "image", "psnr", "ssim", "seconds", "server", "prompt_id")
 
 
-def learned_metrics() -> dict[str, str]:
-    """LPIPS / FID: a value is computed only when their weights are already on disk; else the reason."""
-    return {a.name: ("available, not computed by this version" if a.available else a.reason)
-            for a in (metrics.lpips_availability(), metrics.fid_availability())}
+def learned_metrics(out: Path, records: Sequence[dict]) -> tuple[dict[str, str], dict[str, float]]:
+    """LPIPS / FID over the saved images, computed only when their weights are already on disk.
+
+    Returns (status per metric: how it was computed or why it was skipped, values per metric).
+    """
+    status, values = {}, {}
+    pairs = [(np.asarray(decode_image((out / "images" / r["key"] / "restored.png").read_bytes())),
+              np.asarray(decode_image((out / "images" / r["key"] / "ground_truth.png").read_bytes())))
+             for r in records] if records else []
+    for check, compute in ((metrics.lpips_availability, lambda: float(np.mean(metrics.lpips_scores(pairs)))),
+                           (metrics.fid_availability, lambda: metrics.fid_score([a for a, _ in pairs],
+                                                                                [b for _, b in pairs]))):
+        a = check()
+        status[a.name] = a.reason
+        if a.available and pairs:
+            try:
+                values[a.name] = compute()
+            except Exception as e:  # a broken optional metric must not lose PSNR / SSIM
+                status[a.name] = f"skipped: {type(e).__name__}: {e}"
+    return status, values
 
 
 def summarize(records: Sequence[dict]) -> dict:
@@ -257,8 +273,13 @@ def summarize(records: Sequence[dict]) -> dict:
             "seconds_per_image": float(np.mean([r["seconds"] for r in records]))}
 
 
-def table_row(dataset: str, graph: EvalGraph, stats: dict, learned: dict[str, str]) -> str:
+def table_row(dataset: str, graph: EvalGraph, stats: dict, learned: dict[str, str],
+              values: dict[str, float] | None = None) -> str:
+    values = values or {}
+
     def cell(name: str) -> str:
+        if name in values:
+            return f"{values[name]:.3f}" if name == "LPIPS" else f"{values[name]:.2f}"
         return "skipped" if learned[name].startswith("skipped") else "n/a"
 
     if not stats.get("images"):
@@ -276,11 +297,12 @@ def write_reports(config: EvalConfig, records: Sequence[dict], graph: EvalGraph,
         writer.writerows(records)
     write_json(out / "results.json", records)
     dataset = config.dataset or config.data.name
-    stats, learned = summarize(records), learned_metrics()
+    stats = summarize(records)
+    learned, values = learned_metrics(out, records)
     p = config.protocol
     summary = {"dataset": dataset, "task": graph.task, "method": graph.method, "fingerprint": run_fingerprint,
-               "checkpoint": config.checkpoint, "workflow": str(config.workflow), **stats, "learned": learned,
-               "protocol": asdict(p)}
+               "checkpoint": config.checkpoint, "workflow": str(config.workflow), **stats,
+               **{name.lower(): v for name, v in values.items()}, "learned": learned, "protocol": asdict(p)}
     write_json(out / "summary.json", summary)
     (out / "summary.md").write_text(f"""# Evaluation: {dataset}, {graph.task}
 
@@ -290,7 +312,7 @@ Protocol: resize + centre-crop to {p.size}, measurement noise sigma_y {p.sigma_y
 
 | dataset, task | method | PSNR | SSIM | LPIPS | FID | images | s / image |
 |---|---|---:|---:|---:|---:|---:|---:|
-{table_row(dataset, graph, stats, learned)}
+{table_row(dataset, graph, stats, learned, values)}
 
 LPIPS: {learned['LPIPS']}. FID: {learned['FID']}.
 """)

@@ -134,3 +134,37 @@ def test_resume_reuses_only_records_with_the_same_fingerprint(tmp_path):
     runner.record_path(tmp_path, "bad").write_text("{half")
     assert runner.load_record(tmp_path, "bad", "abc") is None
     assert json.loads(runner.record_path(tmp_path, "k").read_text())["fingerprint"] == "abc"
+
+
+def test_reports_use_learned_metrics_only_when_available(tmp_path, monkeypatch):
+    from evaluation import metrics
+
+    records = []
+    for i, key in enumerate(("a", "b")):
+        folder = tmp_path / "images" / key
+        folder.mkdir(parents=True)
+        img = np.full((16, 16, 3), 40 * (i + 1), np.uint8)
+        Image.fromarray(img).save(folder / "ground_truth.png")
+        Image.fromarray(img + 10).save(folder / "restored.png")
+        records.append({"key": key, "image": f"{key}.png", "index": i, "psnr": 20.0 + i, "ssim": 0.5,
+                        "seconds": 2.0, "server": "s", "prompt_id": "p"})
+    seen = []
+    monkeypatch.setattr(metrics, "lpips_availability", lambda: metrics.Availability("LPIPS", True, "lpips here"))
+    monkeypatch.setattr(metrics, "lpips_scores", lambda pairs: seen.extend(pairs) or [0.25, 0.35])
+    monkeypatch.setattr(metrics, "fid_availability", lambda: metrics.Availability("FID", True, "fid here"))
+
+    def broken_fid(restored, truth):
+        raise RuntimeError("no GPU")
+
+    monkeypatch.setattr(metrics, "fid_score", broken_fid)
+    config = runner.EvalConfig(data=tmp_path / "toy", workflow=tmp_path / "w.json", checkpoint="c", out=tmp_path)
+    graph = workflow.EvalGraph("6", "4", "1", "7", "SR x12 avg-pool", "FlowDPS")
+    summary = runner.write_reports(config, records, graph, "fp")
+    assert len(seen) == 2
+    assert seen[0][0][0, 0, 0] == 50                              # (restored, truth) order
+    assert seen[0][1][0, 0, 0] == 40
+    assert summary["lpips"] == pytest.approx(0.30)
+    assert summary["learned"]["FID"] == "skipped: RuntimeError: no GPU"
+    assert summary["psnr"] == pytest.approx(20.5)
+    assert "| toy, SR x12 avg-pool | FlowDPS | 20.50 | 0.500 | 0.300 | skipped | 2 | 2.0 |" in (
+        tmp_path / "summary.md").read_text()
