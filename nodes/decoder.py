@@ -40,6 +40,32 @@ def clone_for_grad(t: torch.Tensor) -> torch.Tensor:
         return t.detach().clone()
 
 
+DECODER_PARTS = ("decoder", "taesd_decoder", "post_quant_conv")
+
+
+def private_copy(first_stage: torch.nn.Module, exclude: tuple[str, ...], device: torch.device,
+                 dtype: torch.dtype) -> torch.nn.Module:
+    """Deep copy of a VAE's ``first_stage_model`` in ordinary tensors, without the parts named in ``exclude``.
+
+    Made outside inference mode, so autograd can save its weights; the excluded parts are replaced by
+    ``Identity`` placeholders in the copy (deepcopy's memo), so they are never copied. Frozen, eval mode.
+    """
+    memo = {id(getattr(first_stage, name)): torch.nn.Identity()
+            for name in exclude if isinstance(getattr(first_stage, name, None), torch.nn.Module)}
+    with torch.inference_mode(False):
+        module = copy.deepcopy(first_stage, memo).to(device=device, dtype=dtype)
+    module.requires_grad_(False)
+    module.eval()
+    _disable_comfy_casting(module)
+    return module
+
+
+def module_bytes(module: torch.nn.Module) -> int:
+    """Bytes held by a module's parameters and buffers (shared tensors counted once)."""
+    tensors = {id(t): t for t in (*module.parameters(), *module.buffers())}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
 class GradDecoder:
     """Autograd-capable private copy of ``vae.first_stage_model`` (decoder only).
 
@@ -57,19 +83,11 @@ class GradDecoder:
 
     def __init__(self, vae, process_out: Callable[[torch.Tensor], torch.Tensor] | None = None, *,
                  device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> None:
-        first_stage = vae.first_stage_model
         self.device = torch.device(device) if device is not None else torch.device(vae.device)
         self.dtype = dtype
         self.process_out = process_out
-        # deepcopy's memo maps the encoder parts to placeholders, so they are never copied.
-        memo = {id(getattr(first_stage, name)): torch.nn.Identity()
-                for name in ENCODER_PARTS if isinstance(getattr(first_stage, name, None), torch.nn.Module)}
-        with torch.inference_mode(False):
-            module = copy.deepcopy(first_stage, memo).to(device=self.device, dtype=dtype)
-        module.requires_grad_(False)
-        module.eval()
-        _disable_comfy_casting(module)
-        self.module: torch.nn.Module | None = module
+        self.module: torch.nn.Module | None = private_copy(vae.first_stage_model, ENCODER_PARTS, self.device,
+                                                           dtype)
 
     def __call__(self, z: torch.Tensor) -> torch.Tensor:
         if self.module is None:
@@ -81,6 +99,42 @@ class GradDecoder:
             z = self.process_out(z)
         image = self.module.decode(z)
         return image if image.dtype == torch.float64 else image.float()
+
+    def release(self) -> None:
+        """Drop the private weights now (they are also freed when the object is garbage-collected)."""
+        self.module = None
+
+
+class GradEncoder:
+    """Autograd-capable private copy of ``vae.first_stage_model`` (encoder only), for PSLD's gluing term.
+
+    Args:
+        vae: a ``comfy.sd.VAE``.
+        process_in: VAE space -> model space (``model.get_model_object("process_latent_in")``, for SD3
+            ``(z - 0.0609) * 1.5305``); ``None`` to return VAE-space latents.
+        device, dtype: as :class:`GradDecoder` (float32 by default).
+
+    Calling it maps an image ``x: (B, 3, H, W)`` in [-1, 1] (unclamped) to the latent ``(B, C, H/8, W/8)``
+    the VAE's own ``encode`` gives (its mean for a KL autoencoder, as ComfyUI's VAEEncode), in model space.
+    Call it inside :func:`grad_enabled`. The decoder is not copied.
+    """
+
+    def __init__(self, vae, process_in: Callable[[torch.Tensor], torch.Tensor] | None = None, *,
+                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> None:
+        self.device = torch.device(device) if device is not None else torch.device(vae.device)
+        self.dtype = dtype
+        self.process_in = process_in
+        self.module: torch.nn.Module | None = private_copy(vae.first_stage_model, DECODER_PARTS, self.device,
+                                                           dtype)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.module is None:
+            raise RuntimeError("this GradEncoder was released")
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError("call GradEncoder inside grad_enabled(): ComfyUI's inference mode is on")
+        z = self.module.encode(x.to(device=self.device, dtype=self.dtype))
+        z = z if z.dtype == torch.float64 else z.float()
+        return self.process_in(z) if self.process_in is not None else z
 
     def release(self) -> None:
         """Drop the private weights now (they are also freed when the object is garbage-collected)."""
