@@ -63,15 +63,21 @@ def make_room(nbytes: int, device: torch.device, patcher: Any) -> None:
     mm.free_memory(nbytes, device, keep_loaded=keep)
 
 
+class PSLDGradientError(RuntimeError):
+    """Autograd met an inference tensor on PSLD's gradient path (explained for the user)."""
+
+
 @contextmanager
 def explained_inference_errors() -> Iterator[None]:
     """Re-raise autograd's inference-tensor error with what it means for PSLD."""
     try:
         yield
+    except PSLDGradientError:
+        raise
     except RuntimeError as e:
         if INFERENCE_ERROR not in str(e):
             raise
-        raise RuntimeError(
+        raise PSLDGradientError(
             "PSLD back-propagates through the diffusion model, but a tensor on its path was made under ComfyUI's "
             "inference mode and cannot be differentiated. The pack copies the diffusion model and the VAE; "
             "weights added by other nodes during sampling (ControlNet, hooks, patches that hold their own "
@@ -91,7 +97,11 @@ def sample_psld(model, x, sigmas, extra_args=None, callback=None, disable=None, 
         raise ValueError(f"sample_psld needs a PSLDConfig, got {type(config).__name__}")
     extra_args = {} if extra_args is None else extra_args
     guider = model.inner_model
-    base = guider.inner_model
+    base = getattr(guider, "inner_model", None)
+    if base is None or not hasattr(base, "diffusion_model"):
+        raise ValueError(f"PSLD calls the model through the GUIDER with a private copy of the diffusion model, but "
+                         f"this guider ({type(guider).__name__}) does not expose the loaded model as "
+                         f"'inner_model': use CFGGuider, BasicGuider or another core guider")
     check_flow_model(base, problem.vae, "PSLD")
     check_problem_fits(problem, x.shape)
     seed = int(extra_args.get("seed") or 0)

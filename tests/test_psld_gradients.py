@@ -116,3 +116,88 @@ def test_model_and_encoder_copies_are_exact_and_differentiable(comfy, probe_node
     assert report["latent_shape"] == (1, 16, 4, 4)
     assert report["encode_max_diff"] < 1e-5                      # == ComfyUI's VAEEncode (+ process_in)
     assert report["encoder_ad"] == pytest.approx(report["encoder_fd"], rel=1e-4)   # ReLU kinks
+
+
+REPORTS: list[dict] = []
+
+
+def _guided_probe():
+    """A test-only SAMPLER: inside a real SamplerCustomAdvanced run, the gradient of ``<w, denoised>`` through the
+    GUIDER (CFG 2: cond and uncond passes and their combination) with the private copy swapped in, against
+    central finite differences; then it returns the latent unchanged."""
+    import comfy.samplers
+    from flowdps.nodes.decoder import clone_for_grad, grad_enabled
+    from flowdps.nodes.model_copy import GradDiffusionModel
+
+    def probe(model, x, sigmas, extra_args=None, callback=None, disable=None):
+        guider = model.inner_model
+        original = guider.inner_model
+        copy = GradDiffusionModel(original)
+        g = torch.Generator().manual_seed(1)
+        w = clone_for_grad(torch.randn(x.shape, generator=g))       # made in the sampler: inference tensors
+        direction = clone_for_grad(torch.randn(x.shape, generator=g))
+        report = {"cfg": guider.cfg}
+        with grad_enabled(), copy.swapped_into(guider):
+            z = clone_for_grad(x).requires_grad_()
+            sigma = clone_for_grad(sigmas[1] * x.new_ones(x.shape[0]))
+            assert guider.inner_model is copy.proxy
+            out = model(z, sigma, **extra_args)
+            (grad,) = torch.autograd.grad((out * w).sum(), z)
+            report["ad"] = float((grad * direction).sum())
+            with torch.no_grad():
+                plus = (model(z + 1e-2 * direction, sigma, **extra_args) * w).sum()
+                minus = (model(z - 1e-2 * direction, sigma, **extra_args) * w).sum()
+            report["fd"] = float((plus - minus) / 2e-2)
+        report["restored"] = guider.inner_model is original
+        with torch.no_grad():
+            report["max_diff_vs_loaded"] = float((out.detach() - model(x, sigma, **extra_args)).abs().max())
+        REPORTS.append(report)
+        return x
+
+    class FlowDPSTestGuidedGradient:
+        RETURN_TYPES = ("SAMPLER",)
+        FUNCTION = "make"
+        CATEGORY = "testing"
+
+        @classmethod
+        def INPUT_TYPES(cls):
+            return {"required": {}}
+
+        def make(self):
+            return (comfy.samplers.KSAMPLER(probe),)
+
+    return FlowDPSTestGuidedGradient
+
+
+@pytest.fixture
+def guided_probe(comfy):
+    comfy.node_classes["FlowDPSTestGuidedGradient"] = _guided_probe()
+    REPORTS.clear()
+    yield "FlowDPSTestGuidedGradient"
+    comfy.node_classes.pop("FlowDPSTestGuidedGradient", None)
+
+
+def test_gradient_through_the_guider_with_cfg(comfy, guided_probe):
+    g = graphs.GraphBuilder()
+    model = g.add("UNETLoader", "loader", unet_name=graphs.TINY_UNET, weight_dtype="default").out()
+    clip = g.add("CLIPLoader", "clip", clip_name=graphs.TINY_CLIP_L, type="sd3", device="default").out()
+    vae = g.add("VAELoader", "vae", vae_name=graphs.TINY_VAE).out()
+    model = g.add("ModelSamplingSD3", "shift", model=model, shift=4.0).out()
+    pos = g.add("CLIPTextEncode", "positive", clip=clip, text="a photo").out()
+    neg = g.add("CLIPTextEncode", "negative", clip=clip, text="blurry").out()
+    guider = g.add("CFGGuider", "guider", model=model, positive=pos, negative=neg, cfg=2.0).out()
+    sampler = g.add(guided_probe, "probe").out()
+    sigmas = g.add("BasicScheduler", "sigmas", model=model, scheduler="simple", steps=4, denoise=1.0).out()
+    noise = g.add("RandomNoise", "noise", noise_seed=0).out()
+    latent = g.add("EmptySD3LatentImage", "latent", width=32, height=32, batch_size=2).out()
+    out = g.add("SamplerCustomAdvanced", "sampler", noise=noise, guider=guider, sampler=sampler, sigmas=sigmas,
+                latent_image=latent)
+    g.add("VAEDecode", "decode", samples=out.out(0), vae=vae)
+    g.add("PreviewImage", "preview", images=["decode", 0])
+    comfy.run(g.build(), fresh=True).raise_for_error()
+    (report,) = REPORTS
+    assert report["cfg"] == 2.0
+    assert report["restored"] is True                                   # the guider has its model back
+    assert report["max_diff_vs_loaded"] < 1e-5                          # the copy predicts what the model does
+    assert report["ad"] != 0
+    assert report["ad"] == pytest.approx(report["fd"], rel=2e-2)
