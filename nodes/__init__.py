@@ -13,15 +13,15 @@ from .info import FlowDPSInfo
 from .measurement_nodes import MEASUREMENT_NODES
 from .operator_nodes import OPERATOR_NODES
 from .restore_node import FlowDPSRestore
-from .sampler_nodes import FlowChefSampler, FlowDPSSampler
+from .sampler_nodes import FlowChefSampler, FlowDPSSampler, PSLDSampler
 
 
 class FlowDPSExtension(ComfyExtension):
     """Registers every node of the pack with ComfyUI."""
 
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [FlowDPSInfo, *OPERATOR_NODES, *MEASUREMENT_NODES, FlowDPSSampler, FlowChefSampler, FlowDPSRestore,
-                AFDPSSampler, AFDPSRestore]
+        return [FlowDPSInfo, *OPERATOR_NODES, *MEASUREMENT_NODES, FlowDPSSampler, FlowChefSampler, PSLDSampler,
+                FlowDPSRestore, AFDPSSampler, AFDPSRestore]
 
 
 __all__ = ["FlowDPSExtension"]

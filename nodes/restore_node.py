@@ -14,14 +14,22 @@ import latent_preview
 import torch
 from comfy_api.latest import io
 
-from ..samplers import FlowChefConfig, FlowDPSConfig
+from ..samplers import FlowChefConfig, FlowDPSConfig, PSLDConfig
 from .common import CATEGORY_ROOT
-from .sampler_nodes import STEP_SIZE_NOTE, Operator, data_inputs, make_problem, step_schedule
+from .psld_sampling import sample_psld
+from .sampler_nodes import (
+    PSLD_MEMORY_NOTE,
+    STEP_SIZE_NOTE,
+    Operator,
+    data_inputs,
+    make_problem,
+    step_schedule,
+)
 from .sampling import sample_posterior
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("flowdps", "flowchef")
+METHODS = ("flowdps", "flowchef", "psld")
 MAX_CROP = 64  # largest crop of the measurement (pixels per side) tried by fit_measurement
 SD3_MULTIPLE = 16  # SD3 latents are 1/8 of the image and patchified by 2: image sides must be multiples of 16
 
@@ -66,7 +74,7 @@ def fit_measurement(operator, measurement: torch.Tensor) -> tuple[torch.Tensor, 
 
 
 class FlowDPSRestore(io.ComfyNode):
-    """Restore a degraded photo with FlowDPS (or FlowChef) in one node."""
+    """Restore a degraded photo with FlowDPS (or the FlowChef / PSLD baselines) in one node."""
 
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -78,7 +86,8 @@ class FlowDPSRestore(io.ComfyNode):
                 "Restores a degraded photo (super-resolution, deblurring, inpainting) with an SD3-family model by "
                 "posterior sampling (FlowDPS, arXiv 2503.08136). The output size follows from the operator and "
                 "the measurement (SR x12 of 64x64 gives 768x768); it must be a multiple of 16 pixels, otherwise "
-                "the measurement is cropped and a warning is logged. Defaults are the paper's."
+                "the measurement is cropped and a warning is logged. Defaults are the paper's. The 'psld' method "
+                "differentiates the diffusion model: it needs a second copy of the model's weights in memory."
             ),
             inputs=[
                 io.Model.Input("model", tooltip="A rectified-flow model (SD3, SD3.5) from ComfyUI's loaders."),
@@ -97,9 +106,12 @@ class FlowDPSRestore(io.ComfyNode):
                                        "default is 3.0)."),
                 io.Combo.Input("method", options=list(METHODS), default="flowdps",
                                tooltip="flowdps: the paper's method; flowchef: the baseline (one gradient per "
-                                       "step, deterministic)."),
+                                       "step, deterministic); psld: the PSLD baseline (gradient through the "
+                                       "transformer and the VAE encoder, weights 1.0 / 0.1; residual 'auto' is "
+                                       "||y - Ax||). " + PSLD_MEMORY_NOTE),
                 io.Int.Input("dc_steps", default=3, min=1, max=50,
-                             tooltip="FlowDPS: gradient steps per sampling step (paper: 3)."),
+                             tooltip="FlowDPS: gradient steps per sampling step (paper: 3); unused by flowchef "
+                                     "and psld."),
                 io.Float.Input("step_size", default=15.0, min=0.0, max=1000.0, step=0.1,
                                tooltip=("Data-consistency step size (paper: 15). " + STEP_SIZE_NOTE)),
                 io.Float.Input("step_size_end", default=-1.0, min=-1.0, max=1000.0, step=0.1,
@@ -122,8 +134,11 @@ class FlowDPSRestore(io.ComfyNode):
         problem = make_problem(vae, operator, measurement, residual, norm, sigma_y)
         y, image_shape = fit_measurement(operator, problem.measurement)
         problem = dataclasses.replace(problem, measurement=y)
-        config = (FlowDPSConfig(dc_steps=dc_steps, step_size=step_schedule(step_size, step_size_end))
-                  if method == "flowdps" else FlowChefConfig(step_size=step_schedule(step_size, step_size_end)))
+        step = step_schedule(step_size, step_size_end)
+        config = {"flowdps": lambda: FlowDPSConfig(dc_steps=dc_steps, step_size=step),
+                  "flowchef": lambda: FlowChefConfig(step_size=step),
+                  "psld": lambda: PSLDConfig(step_size=step)}[method]()
+        sample_function = sample_psld if method == "psld" else sample_posterior
 
         patched = shifted_model(model, shift)
         channels = patched.get_model_object("latent_format").latent_channels
@@ -135,7 +150,7 @@ class FlowDPSRestore(io.ComfyNode):
         guider = comfy.samplers.CFGGuider(patched)
         guider.set_conds(positive, negative)
         guider.set_cfg(cfg)
-        sampler = comfy.samplers.KSAMPLER(sample_posterior, extra_options={"problem": problem, "config": config})
+        sampler = comfy.samplers.KSAMPLER(sample_function, extra_options={"problem": problem, "config": config})
         callback = latent_preview.prepare_callback(patched, steps)
         samples = guider.sample(noise, latent, sampler, sigmas, callback=callback,
                                 disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)

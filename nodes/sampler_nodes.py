@@ -1,4 +1,4 @@
-"""SAMPLER nodes for SamplerCustomAdvanced: FlowDPS and FlowChef.
+"""SAMPLER nodes for SamplerCustomAdvanced: FlowDPS, FlowChef and PSLD.
 
 They combine with any NOISE, GUIDER (CFG, CFG schedules via guider nodes) and SIGMAS node. The latent
 given to SamplerCustomAdvanced must decode to the image size the operator expects (for SR x4 of a
@@ -10,9 +10,10 @@ from __future__ import annotations
 import comfy.samplers
 from comfy_api.latest import io
 
-from ..samplers import FlowChefConfig, FlowDPSConfig, Schedule
+from ..samplers import FlowChefConfig, FlowDPSConfig, PSLDConfig, Schedule
 from .common import CATEGORY_SAMPLERS, Operator
 from .measurement import measurement_pixels
+from .psld_sampling import sample_psld
 from .sampling import NORMS, RESIDUALS, RestorationProblem, sample_posterior
 
 RESIDUAL_TOOLTIP = ("Space of the data-consistency residual: 'auto' = pseudo-inverse for super-resolution and "
@@ -22,6 +23,11 @@ NORM_TOOLTIP = ("'paper': the un-squared Euclidean norm of the residual (officia
                 "||r||^2 / (2 sigma_y^2), the Gaussian log-likelihood (use a much smaller step size).")
 STEP_SIZE_NOTE = ("With the paper norm the step is a distance in latent space tuned for 768 px SD3 latents: other "
                   "sizes, tasks or the squared norm need another value.")
+PSLD_MEMORY_NOTE = ("Memory: PSLD back-propagates through the diffusion model, so for the run it holds a private "
+                    "copy of the diffusion model's weights (as large as the loaded model: about 4 GB for SD3 medium "
+                    "and 5 GB for SD3.5 medium in 16-bit, 16 GB for SD3.5 large) and of the VAE encoder, plus the "
+                    "transformer's activations for one backward pass. Time: per step one backward pass through the "
+                    "transformer, the decoder and the encoder (FlowDPS: three through the decoder only).")
 SIGMA_Y_TOOLTIP = ("Measurement noise std on the [0, 1] image scale (only used by the 'squared' norm). The paper "
                    "simulates 0.03 on the [-1, 1] scale, i.e. 0.015 here.")
 
@@ -124,3 +130,51 @@ class FlowChefSampler(io.ComfyNode):
         config = FlowChefConfig(step_size=step_size)
         return io.NodeOutput(comfy.samplers.KSAMPLER(sample_posterior,
                                                      extra_options={"problem": problem, "config": config}))
+
+
+class PSLDSampler(io.ComfyNode):
+    """PSLD, the third method of the FlowDPS repository, as a SAMPLER."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FlowDPSPSLDSampler",
+            display_name="PSLD Sampler",
+            category=CATEGORY_SAMPLERS,
+            description=(
+                "PSLD baseline (Rout et al. 2023, as in the FlowDPS repository) for SamplerCustomAdvanced: at every "
+                "step one gradient of ||A D(z0) - y|| + 0.1 ||z0 - E(P y + D(z0) - P A D(z0))|| with respect to the "
+                "noisy latent itself, through the transformer, the VAE decoder and encoder; deterministic. The most "
+                "expensive and weakest of the three methods in the published comparison. " + PSLD_MEMORY_NOTE
+            ),
+            inputs=[
+                *common_inputs(),
+                io.Float.Input("step_size", default=15.0, min=0.0, max=1000.0, step=0.1,
+                               tooltip=("Gradient step on the noisy latent at the first step (the repository's "
+                                        "solve.py passes 15). 0 is plain Euler sampling with no copy made. "
+                                        + STEP_SIZE_NOTE)),
+                io.Float.Input("step_size_end", default=-1.0, min=-1.0, max=1000.0, step=0.1,
+                               tooltip="Step size at the last step (linear ramp); -1 keeps it constant."),
+                io.Float.Input("measurement_weight", default=1.0, min=0.0, max=100.0, step=0.01,
+                               tooltip="Weight of ||A D(z0) - y|| (official: 1.0)."),
+                io.Float.Input("gluing_weight", default=0.1, min=0.0, max=100.0, step=0.01,
+                               tooltip="Weight of the gluing term ||z0 - E(P y + D(z0) - P A D(z0))|| "
+                                       "(official: 0.1); 0 skips the encoder's gradient."),
+                io.Combo.Input("residual", options=list(RESIDUALS), default="auto",
+                               tooltip=("Space of the measurement term: 'auto' is PSLD's ||y - Ax|| "
+                                        "('measurement'); 'pinv'/'adjoint' also choose P of the gluing term, "
+                                        "which is otherwise the pseudo-inverse for super-resolution and the "
+                                        "adjoint for the rest.")),
+                io.Combo.Input("norm", options=list(NORMS), default="paper", tooltip=NORM_TOOLTIP),
+                io.Float.Input("sigma_y", default=0.015, min=0.0, max=1.0, step=0.001, tooltip=SIGMA_Y_TOOLTIP),
+            ],
+            outputs=[io.Sampler.Output()],
+        )
+
+    @classmethod
+    def execute(cls, vae, operator, measurement, step_size, step_size_end, measurement_weight, gluing_weight,
+                residual, norm, sigma_y) -> io.NodeOutput:
+        problem = make_problem(vae, operator, measurement, residual, norm, sigma_y)
+        config = PSLDConfig(step_size=step_schedule(step_size, step_size_end), measurement_weight=measurement_weight,
+                            gluing_weight=gluing_weight)
+        return io.NodeOutput(comfy.samplers.KSAMPLER(sample_psld, extra_options={"problem": problem, "config": config}))
