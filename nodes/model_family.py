@@ -138,7 +138,7 @@ def detect_family(model: Any) -> str:
         return SD3
     if type(config) is comfy.supported_models.FluxSchnell:
         return FLUX_SCHNELL
-    if type(config) in (comfy.supported_models.Flux, comfy.supported_models.FluxInpaint):
+    if type(config) is comfy.supported_models.Flux:  # not Fill/Kontext/Flux 2 etc.: other inputs, other defaults
         return FLUX_DEV
     return OTHER
 

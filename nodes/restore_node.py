@@ -6,7 +6,6 @@ import dataclasses
 import logging
 
 import comfy.model_management as mm
-import comfy.model_sampling
 import comfy.sample
 import comfy.samplers
 import comfy.utils
@@ -16,6 +15,16 @@ from comfy_api.latest import io
 
 from ..samplers import FlowChefConfig, FlowDPSConfig, PSLDConfig
 from .common import CATEGORY_ROOT
+from .model_family import (
+    CFG_TOOLTIP,
+    MODEL_TOOLTIP,
+    NEGATIVE_TOOLTIP,
+    POSITIVE_TOOLTIP,
+    SHIFT_TOOLTIP,
+    check_model_and_vae,
+    restore_settings,
+    with_shift,
+)
 from .psld_sampling import sample_psld
 from .sampler_nodes import (
     PSLD_MEMORY_NOTE,
@@ -35,16 +44,9 @@ SD3_MULTIPLE = 16  # SD3 latents are 1/8 of the image and patchified by 2: image
 
 
 def shifted_model(model, shift: float):
-    """A clone of ``model`` with rectified-flow sampling shifted by ``shift`` (what ModelSamplingSD3 does)."""
-
-    class ModelSamplingShifted(comfy.model_sampling.ModelSamplingDiscreteFlow, comfy.model_sampling.CONST):
-        pass
-
-    sampling = ModelSamplingShifted(model.model.model_config)
-    sampling.set_parameters(shift=shift, multiplier=1000)
-    patched = model.clone()
-    patched.add_object_patch("model_sampling", sampling)
-    return patched
+    """A clone of ``model`` with rectified-flow sampling shifted by ``shift`` (what ModelSamplingSD3 does; for
+    Flux dev, ModelSamplingFlux with ``ln(shift)``: see model_family.with_shift)."""
+    return with_shift(model, shift)
 
 
 def fit_measurement(operator, measurement: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
@@ -83,27 +85,25 @@ class FlowDPSRestore(io.ComfyNode):
             display_name="FlowDPS Restore",
             category=CATEGORY_ROOT,
             description=(
-                "Restores a degraded photo (super-resolution, deblurring, inpainting) with an SD3-family model by "
-                "posterior sampling (FlowDPS, arXiv 2503.08136). The output size follows from the operator and "
-                "the measurement (SR x12 of 64x64 gives 768x768); it must be a multiple of 16 pixels, otherwise "
-                "the measurement is cropped and a warning is logged. Defaults are the paper's. The 'psld' method "
-                "differentiates the diffusion model: it needs a second copy of the model's weights in memory."
+                "Restores a degraded photo (super-resolution, deblurring, inpainting) with a rectified-flow model "
+                "(SD3, SD3.5, Flux) by posterior sampling (FlowDPS, arXiv 2503.08136). The output size follows from "
+                "the operator and the measurement (SR x12 of 64x64 gives 768x768); it must be a multiple of 16 "
+                "pixels, otherwise the measurement is cropped and a warning is logged. Defaults are the paper's; "
+                "shift and CFG 0 pick the model family's (Flux: CFG 1, guidance via FluxGuidance). The 'psld' "
+                "method differentiates the diffusion model: it needs a second copy of the model's weights in memory."
             ),
             inputs=[
-                io.Model.Input("model", tooltip="A rectified-flow model (SD3, SD3.5) from ComfyUI's loaders."),
-                io.Conditioning.Input("positive", tooltip="What the photo shows (the paper: 'a photo of ...')."),
-                io.Conditioning.Input("negative", tooltip="Negative prompt (ConditioningZeroOut for none)."),
+                io.Model.Input("model", tooltip=MODEL_TOOLTIP),
+                io.Conditioning.Input("positive", tooltip=POSITIVE_TOOLTIP),
+                io.Conditioning.Input("negative", tooltip=NEGATIVE_TOOLTIP),
                 io.Vae.Input("vae", tooltip="The model's VAE; a private copy of its decoder is differentiated."),
                 io.Image.Input("measurement", tooltip="The degraded photo."),
                 Operator.Input("operator", tooltip="The degradation that produced the photo (operator nodes)."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                              tooltip="Seed of the initial noise and of FlowDPS's renoising."),
                 io.Int.Input("steps", default=28, min=1, max=1000, tooltip="Sampling steps (paper: 28)."),
-                io.Float.Input("cfg", default=2.0, min=0.0, max=30.0, step=0.1,
-                               tooltip="Classifier-free guidance scale (paper: 2.0)."),
-                io.Float.Input("shift", default=4.0, min=0.01, max=100.0, step=0.01,
-                               tooltip="Time shift of the flow schedule for this run only (paper: 4.0; SD3's "
-                                       "default is 3.0)."),
+                io.Float.Input("cfg", default=0.0, min=0.0, max=30.0, step=0.1, tooltip=CFG_TOOLTIP),
+                io.Float.Input("shift", default=0.0, min=0.0, max=100.0, step=0.01, tooltip=SHIFT_TOOLTIP),
                 io.Combo.Input("method", options=list(METHODS), default="flowdps",
                                tooltip="flowdps: the paper's method; flowchef: the baseline (one gradient per "
                                        "step, deterministic); psld: the PSLD baseline (gradient through the "
@@ -129,18 +129,19 @@ class FlowDPSRestore(io.ComfyNode):
                 dc_steps, step_size, step_size_end, residual, norm, sigma_y) -> io.NodeOutput:
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-        if not shift > 0:
-            raise ValueError(f"shift must be > 0, got {shift}")
+        check_model_and_vae(model, vae, "FlowDPS Restore")
         problem = make_problem(vae, operator, measurement, residual, norm, sigma_y)
         y, image_shape = fit_measurement(operator, problem.measurement)
         problem = dataclasses.replace(problem, measurement=y)
+        settings = restore_settings(model, shift, cfg, image_shape[2], image_shape[3])
+        logger.info("FlowDPS Restore: %s", settings.describe())
         step = step_schedule(step_size, step_size_end)
         config = {"flowdps": lambda: FlowDPSConfig(dc_steps=dc_steps, step_size=step),
                   "flowchef": lambda: FlowChefConfig(step_size=step),
                   "psld": lambda: PSLDConfig(step_size=step)}[method]()
         sample_function = sample_psld if method == "psld" else sample_posterior
 
-        patched = shifted_model(model, shift)
+        patched = shifted_model(model, settings.shift)
         channels = patched.get_model_object("latent_format").latent_channels
         ratio = vae.upscale_ratio
         batch = y.shape[0]
@@ -149,7 +150,7 @@ class FlowDPSRestore(io.ComfyNode):
         sigmas = comfy.samplers.calculate_sigmas(patched.get_model_object("model_sampling"), "simple", steps)
         guider = comfy.samplers.CFGGuider(patched)
         guider.set_conds(positive, negative)
-        guider.set_cfg(cfg)
+        guider.set_cfg(settings.cfg)
         sampler = comfy.samplers.KSAMPLER(sample_function, extra_options={"problem": problem, "config": config})
         callback = latent_preview.prepare_callback(patched, steps)
         samples = guider.sample(noise, latent, sampler, sigmas, callback=callback,

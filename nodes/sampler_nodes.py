@@ -76,7 +76,8 @@ class FlowDPSSampler(io.ComfyNode):
                 "FlowDPS posterior sampler (arXiv 2503.08136) for SamplerCustomAdvanced: at every step the "
                 "clean-latent estimate gets K gradient steps towards the measurement through the VAE decoder, "
                 "is blended with the prior estimate and renoised. Defaults are the paper's (K=3, step 15). "
-                "Use with a rectified-flow model (SD3), ModelSamplingSD3 shift 4, 28 steps, CFG 2."
+                "Use with a rectified-flow model: SD3 with ModelSamplingSD3 shift 4, 28 steps, CFG 2 (the paper); "
+                "SD3.5 likewise (its own shift is 3); Flux with CFG 1 (BasicGuider) and FluxGuidance on the prompt."
             ),
             inputs=[
                 *common_inputs(),

@@ -4,6 +4,7 @@ and a VAE of the wrong latent width get clear errors before any sampling."""
 
 from __future__ import annotations
 
+import logging
 import math
 
 import numpy as np
@@ -230,6 +231,22 @@ def test_one_shift_means_one_schedule_on_every_family(comfy, tiny_families, fami
 
 
 @pytest.mark.parametrize("name", FLOW_FAMILIES)
+def test_flowdps_restore_on_each_family(comfy, photo, tiny_families, name, caplog):
+    prior = tiny_families[name]
+    caplog.set_level(logging.INFO)
+    ours = comfy.run(flowdps_restore_graph(prior)).raise_for_error()
+    plain = comfy.run(flowdps_restore_graph(prior, step_size=0.0)).raise_for_error()
+    assert tuple(ours.output("restore").shape) == (1, SIZE, SIZE, 3)
+    assert torch.isfinite(ours.output("restore")).all()
+    r_ours, r_plain = residual(ours), residual(plain)
+    assert r_ours < FLOWDPS_RATIO * r_plain, (name, r_ours, r_plain)
+    display = {"sd3.5-medium": "SD3.5 medium", "sd3.5-large": "SD3.5 large", "flux-dev": "Flux.1 dev",
+               "flux-schnell": "Flux.1 schnell"}[name]
+    cfg = "CFG 1 (family default)" if name.startswith("flux") else "CFG 2 (family default)"
+    assert any(f"FlowDPS Restore: {display}: shift" in m and cfg in m for m in caplog.messages), caplog.messages
+
+
+@pytest.mark.parametrize("name", FLOW_FAMILIES)
 def test_afdps_restore_on_each_family(comfy, photo, tiny_families, name):
     prior = tiny_families[name]
     ours = comfy.run(afdps_restore_graph(prior)).raise_for_error()
@@ -250,10 +267,32 @@ def test_sampler_nodes_with_each_familys_core_nodes(comfy, photo, tiny_families,
     assert residual(ours) < ratio * residual(plain), (name, method, residual(ours), residual(plain))
 
 
+def test_flux_data_term_decodes_with_fluxs_latent_format(comfy, photo, tiny_families, monkeypatch):
+    """The decoder inside the data term maps model space to VAE space with Flux's scale/shift (0.3611/0.1159),
+    not SD3's: count the latent-format calls while FlowDPS runs on the tiny Flux."""
+    from comfy import latent_formats
+
+    flux = CallCounter(monkeypatch, latent_formats.Flux, "process_out")
+    sd3 = CallCounter(monkeypatch, latent_formats.SD3, "process_out")
+    comfy.run(flowdps_restore_graph(tiny_families["flux-dev"], steps=2), fresh=True).raise_for_error()
+    assert flux.calls >= 2 * 3  # at least one per gradient step (2 steps x K = 3)
+    assert sd3.calls == 0
+
+
 # ------------------------------------------------------------------------------------------- errors
 
 
+def test_a_flow_model_with_the_vae_of_another_family_is_a_warning(comfy, photo, tiny_families, caplog):
+    """Same 16 channels, other latent scale: allowed (full VAEs carry no scale) but logged."""
+    caplog.set_level(logging.WARNING)
+    comfy.run(flowdps_restore_graph(tiny_families["flux-dev"], vae_name=graphs.TINY_VAE, steps=1),
+              fresh=True).raise_for_error()
+    assert any("latent scale 1.5305 differs from the model's latent format Flux (0.3611)" in m
+               for m in caplog.messages), caplog.messages
+
+
 BUILDERS = {
+    "flowdps_restore": lambda prior, **kw: flowdps_restore_graph(prior, **kw),
     "afdps_restore": lambda prior, **kw: afdps_restore_graph(prior, **kw),
     "flowdps_sampler": lambda prior, **kw: sampler_graph(prior, "flowdps", **kw),
     "afdps_sampler": lambda prior, **kw: sampler_graph(prior, "afdps", **kw),
