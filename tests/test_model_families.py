@@ -267,6 +267,19 @@ def test_sampler_nodes_with_each_familys_core_nodes(comfy, photo, tiny_families,
     assert residual(ours) < ratio * residual(plain), (name, method, residual(ours), residual(plain))
 
 
+@pytest.mark.parametrize("name", ["sd3.5-medium", "flux-dev"])
+def test_restore_defaults_equal_the_familys_core_nodes(comfy, photo, tiny_families, name):
+    """FlowDPS Restore with shift 0 and CFG 0 gives exactly the SamplerCustomAdvanced route built with the
+    family's own core nodes: ModelSamplingSD3 3.0 + CFGGuider 2.0 for SD3.5; for Flux dev ModelSamplingFlux
+    at the image size + BasicGuider (CFG 1), i.e. the image-size shift through mu = ln s."""
+    prior = tiny_families[name]
+    restore = comfy.run(flowdps_restore_graph(prior)).raise_for_error().output("restore")
+    custom = comfy.run(sampler_graph(prior, "flowdps")).raise_for_error().output("restore")
+    torch.testing.assert_close(restore, custom, rtol=0, atol=1e-5)
+    other = comfy.run(flowdps_restore_graph(prior, shift=6.0)).raise_for_error().output("restore")
+    assert (other - restore).abs().max() > 1e-3  # an explicit shift overrides the default
+
+
 def test_flux_data_term_decodes_with_fluxs_latent_format(comfy, photo, tiny_families, monkeypatch):
     """The decoder inside the data term maps model space to VAE space with Flux's scale/shift (0.3611/0.1159),
     not SD3's: count the latent-format calls while FlowDPS runs on the tiny Flux."""
@@ -274,7 +287,7 @@ def test_flux_data_term_decodes_with_fluxs_latent_format(comfy, photo, tiny_fami
 
     flux = CallCounter(monkeypatch, latent_formats.Flux, "process_out")
     sd3 = CallCounter(monkeypatch, latent_formats.SD3, "process_out")
-    comfy.run(flowdps_restore_graph(tiny_families["flux-dev"], steps=2), fresh=True).raise_for_error()
+    comfy.run(flowdps_restore_graph(tiny_families["flux-dev"], steps=2)).raise_for_error()
     assert flux.calls >= 2 * 3  # at least one per gradient step (2 steps x K = 3)
     assert sd3.calls == 0
 
@@ -285,8 +298,7 @@ def test_flux_data_term_decodes_with_fluxs_latent_format(comfy, photo, tiny_fami
 def test_a_flow_model_with_the_vae_of_another_family_is_a_warning(comfy, photo, tiny_families, caplog):
     """Same 16 channels, other latent scale: allowed (full VAEs carry no scale) but logged."""
     caplog.set_level(logging.WARNING)
-    comfy.run(flowdps_restore_graph(tiny_families["flux-dev"], vae_name=graphs.TINY_VAE, steps=1),
-              fresh=True).raise_for_error()
+    comfy.run(flowdps_restore_graph(tiny_families["flux-dev"], vae_name=graphs.TINY_VAE, steps=1)).raise_for_error()
     assert any("latent scale 1.5305 differs from the model's latent format Flux (0.3611)" in m
                for m in caplog.messages), caplog.messages
 
