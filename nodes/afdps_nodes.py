@@ -201,8 +201,10 @@ def ensemble_summary(result: AFDPSResult) -> str:
     ess = " ".join(f"{float(e):.2f}" for e in result.ess)
     shown = result.weights[:MAX_WEIGHTS_SHOWN]
     weights = " ".join(f"{float(w):.3f}" for w in shown) + (" ..." if len(result.weights) > len(shown) else "")
+    dropped = int(torch.isneginf(result.log_weights).sum())
+    quarantine = f"; {dropped} quarantined (NaN/Inf, weight 0)" if dropped else ""
     return (f"ESS trace [{ess}] of {result.particles.shape[0]}; resampled {result.n_resampled} times; "
-            f"final weights [{weights}]; best particle {result.best_index}")
+            f"final weights [{weights}]; best particle {result.best_index}{quarantine}")
 
 
 HEAT_ANCHORS = ((0.0, 0.0, 0.02), (0.34, 0.06, 0.42), (0.73, 0.21, 0.33), (0.98, 0.55, 0.04), (0.99, 1.0, 0.64))

@@ -79,7 +79,7 @@ import torch
 from torch import Tensor
 
 from .flow import noise_from_x0
-from .flowdps import DEFAULT_SEED, check_sigmas, fresh_noise
+from .flowdps import DEFAULT_SEED, NonFiniteError, check_sigmas, fresh_noise
 from .smc import (
     RESAMPLING_SCHEMES,
     effective_sample_size,
@@ -750,7 +750,13 @@ def sample_afdps(denoise: Denoiser, z: Tensor, sigmas: Tensor, *, forward: Tenso
             if not ode:
                 incr = incr + girsanov_log_ratio(g, xi, noise_std, kappa)
         if weighted:
-            logw, d_log_z = reweight(logw, incr)
+            try:
+                logw, d_log_z = reweight(logw, incr)
+            except ValueError as err:                 # every particle quarantined: nothing left to continue
+                raise NonFiniteError(
+                    f"AFDPS step {i + 1} of {n_steps} (sigma {sigma:.4g}): every particle has NaN or Inf values "
+                    f"(all {n_particles} quarantined); the run is stopped. Usual causes: a model or VAE in a "
+                    f"precision that overflows, or a kappa too large for a small sigma_y.") from err
             log_z += d_log_z
         logw, x_new = quarantine(logw, x_new)
         if ode and sigma_next > 0 and config.corrector_steps > 0:

@@ -42,6 +42,7 @@ __all__ = [
     "DEFAULT_SEED",
     "FlowChefConfig",
     "FlowDPSConfig",
+    "NonFiniteError",
     "PosteriorUpdate",
     "check_sigmas",
     "data_consistency",
@@ -231,6 +232,22 @@ def _checked(z0: Tensor, z: Tensor) -> Tensor:
     return z0
 
 
+class NonFiniteError(ValueError):
+    """A sampling step produced NaN or Inf values; the message names the step and where they appeared."""
+
+
+def check_finite(x: Tensor, what: str, step: int, n_steps: int, sigma: float) -> Tensor:
+    """``x`` unchanged, or :class:`NonFiniteError` naming the step (1-based), its sigma and the batch items."""
+    finite = torch.isfinite(x.detach()).reshape(x.shape[0], -1).all(1)
+    if not bool(finite.all()):
+        bad = [int(j) for j in torch.nonzero(~finite).flatten()]
+        raise NonFiniteError(
+            f"step {step + 1} of {n_steps} (sigma {sigma:.4g}): {what} has NaN or Inf values in batch item(s) "
+            f"{bad}; the run is stopped. Usual causes: a step size too large for the image size, or a model or "
+            f"VAE in a precision that overflows (try float32 or a smaller step size).")
+    return x
+
+
 def sample_flow_posterior(denoise: Denoiser, z: Tensor, sigmas: Tensor, data_loss: DataLoss,
                           config: FlowDPSConfig | FlowChefConfig | PosteriorUpdate, *,
                           generator: torch.Generator | None = None,
@@ -272,13 +289,16 @@ def sample_flow_posterior(denoise: Denoiser, z: Tensor, sigmas: Tensor, data_los
             with torch.inference_mode(False), torch.enable_grad():
                 z_leaf = z.detach().clone().to(_grad_dtype(z.dtype)).requires_grad_(True)
                 z0 = _checked(denoise(z_leaf, z_leaf.new_full((batch,), sigma)), z)
+                check_finite(z0, "the model's prediction", i, n_steps, sigma)
                 z_next, denoised = config.update(z_leaf, z0, sigma, sigma_next, i=i, n_steps=n_steps,
                                                  data_loss=data_loss, generator=generator)
         else:
             with torch.no_grad():
                 z0 = _checked(denoise(z, z.new_full((batch,), sigma)), z)
+            check_finite(z0, "the model's prediction", i, n_steps, sigma)
             z_next, denoised = config.update(z, z0.detach(), sigma, sigma_next, i=i, n_steps=n_steps,
                                              data_loss=data_loss, generator=generator)
+        check_finite(z_next, "the data-consistency update", i, n_steps, sigma)
         if callback is not None:
             callback({"x": z, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
         z = z_next.to(z.dtype)

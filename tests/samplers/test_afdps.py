@@ -30,6 +30,7 @@ from flowdps.samplers.afdps import (
     tweedie_gain,
 )
 from flowdps.samplers.flow import noise_from_x0, velocity_from_x0
+from flowdps.samplers.flowdps import NonFiniteError
 from flowdps.samplers.testing import GaussianMixture, shifted_sigmas
 
 
@@ -541,3 +542,33 @@ def test_out_of_memory_with_one_particle_is_a_clear_error():
     with pytest.raises(torch.OutOfMemoryError, match=r"single particle .* chunking cannot go below 1"):
         sample_afdps(PRIOR.denoise, z, shifted_sigmas(3, 3.0), forward=forward, y=Y, sigma_y=0.3,
                      decode=OOMAbove(limit=0), config=AFDPSConfig(chunk_size=2))
+
+
+# --- non-finite values inside a run (issue: hardening §4) ----------------------------------------------------
+
+def nan_at_call(k, rows):
+    """A test hook: the prior's denoiser, but its ``k``-th call returns NaN for the particles ``rows``."""
+    calls = []
+
+    def denoise(x, sigma):
+        calls.append(1)
+        out = PRIOR.denoise(x, sigma)
+        if len(calls) == k:
+            out = out.clone()
+            out[rows] = float("nan")
+        return out
+    return denoise
+
+
+def test_a_nan_particle_is_quarantined_and_the_run_finishes():
+    res = run(n=8, steps=5, denoise=nan_at_call(3, [1]), config=AFDPSConfig(chunk_size=None, resample_threshold=0.0))
+    assert float(res.weights[1]) == 0.0
+    assert bool(torch.isinf(res.log_weights[1]))
+    assert res.particles[torch.arange(8) != 1].isfinite().all()
+    assert res.best_index != 1
+    assert res.image_mean.isfinite().all()
+
+
+def test_all_particles_non_finite_is_a_clear_error_naming_the_step():
+    with pytest.raises(NonFiniteError, match=r"AFDPS step 2 of 5 .*every particle has NaN or Inf .*all 8"):
+        run(n=8, steps=5, denoise=nan_at_call(3, slice(None)), config=AFDPSConfig(chunk_size=None))

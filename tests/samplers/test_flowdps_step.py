@@ -14,6 +14,7 @@ from flowdps.samplers import (
     DEFAULT_SEED,
     FlowChefConfig,
     FlowDPSConfig,
+    NonFiniteError,
     Schedule,
     data_consistency,
     data_gradient,
@@ -209,3 +210,33 @@ def test_wrong_loss_or_denoiser_shape(generator):
     with pytest.raises(ValueError, match=r"denoise returned \(2, 3\) for z of shape \(2, 3, 4\)"):
         sample_flow_posterior(lambda zz, s: zz[..., 0], z, torch.tensor([1.0, 0.0]),
                               lambda u: torch.zeros(2), FlowDPSConfig())
+
+
+@pytest.mark.parametrize("config", [FlowDPSConfig(), FlowChefConfig()], ids=["flowdps", "flowchef"])
+def test_a_nan_from_the_model_stops_the_run_naming_the_step(generator, config):
+    """A test hook: the denoiser returns NaN in batch item 1 at the third call; the run stops there with an
+    error naming step 3 of 4, its sigma and the item, and no later step runs."""
+    z = torch.randn(2, 3, generator=generator, dtype=torch.float64)
+    calls = []
+
+    def denoise(x, sigma):
+        calls.append(float(sigma[0]))
+        out = torch.zeros_like(x)
+        if len(calls) == 3:
+            out[1, 0] = float("nan")
+        return out
+
+    sigmas = torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0], dtype=torch.float64)
+    with pytest.raises(NonFiniteError, match=r"step 3 of 4 \(sigma 0\.5\): the model's prediction .* batch item\(s\) \[1\]"):
+        sample_flow_posterior(denoise, z, sigmas, half_squared(torch.zeros(2, 3, dtype=torch.float64)), config,
+                              generator=generator)
+    assert len(calls) == 3
+
+
+def test_a_non_finite_data_update_stops_the_run(generator):
+    """An infinite loss gradient (a step size far too large) is caught after the update, naming the step."""
+    z = torch.randn(1, 3, generator=generator, dtype=torch.float64)
+    sigmas = torch.tensor([1.0, 0.5, 0.0], dtype=torch.float64)
+    with pytest.raises(NonFiniteError, match=r"step 1 of 2 .*data-consistency update"):
+        sample_flow_posterior(lambda x, s: x * 0 + 1.0, z, sigmas, half_squared(torch.zeros(1, 3, dtype=torch.float64)),
+                              FlowDPSConfig(step_size=1e308), generator=generator)
