@@ -86,7 +86,7 @@ DEV_NODES = {"FlowDPSDevTestImage": DevImage, "FlowDPSDevTestMask": DevMask}
 
 
 @pytest.fixture(scope="module")
-def session(comfy):
+def session(comfy, tiny_families):
     import nodes
 
     for name, cls in DEV_NODES.items():
@@ -100,7 +100,10 @@ def image_node(g: graphs.GraphBuilder, spec: dict, node_id: str) -> list:
 
 
 def loaders(g: graphs.GraphBuilder, case: dict) -> tuple[list, list, list, list]:
-    model = g.add("UNETLoader", "loader", unet_name=graphs.TINY_UNET, weight_dtype="default").out()
+    if "model" in case:  # another family's tiny model, through the test-only loader
+        model = g.add(graphs.TINY_MODEL_LOADER, "loader", unet_name=case["model"]).out()
+    else:
+        model = g.add("UNETLoader", "loader", unet_name=graphs.TINY_UNET, weight_dtype="default").out()
     clip = g.add("CLIPLoader", "clip", clip_name=graphs.TINY_CLIP_L, type="sd3", device="default").out()
     vae = g.add("VAELoader", "vae", vae_name=case.get("vae", graphs.TINY_VAE)).out()
     pos = g.add("CLIPTextEncode", "positive", clip=clip, text="a photo").out()
@@ -148,7 +151,8 @@ def build(case: dict) -> dict:
               **{**RESTORE_DEFAULTS[kind], **inputs})
     elif kind in SAMPLER_DEFAULTS:
         model, vae, pos, neg = loaders(g, case)
-        model = g.add("ModelSamplingSD3", "shift", model=model, shift=4.0).out()
+        if "model" not in case:  # (ModelSamplingSD3 would make any model CONST: the user's explicit choice)
+            model = g.add("ModelSamplingSD3", "shift", model=model, shift=4.0).out()
         guider = g.add("CFGGuider", "guider", model=model, positive=pos, negative=neg, cfg=2.0).out()
         sampler = g.add(kind, "target", vae=vae, operator=op, measurement=image,
                         **{**SAMPLER_DEFAULTS[kind], **inputs}).out()
