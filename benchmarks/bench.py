@@ -14,11 +14,12 @@ Parts (each configuration in its own worker process, so model loading and peak R
    VAE architecture with random weights, SR x4 by AvgPoolSR, CFG 2, shift 4) with FlowDPSSampler and with
    AFDPSSampler, at 256 and 512 px. Each sampling step is split into *transformer* (the sampler's ``denoise``
    callable: ComfyUI's CFG model call), *decoder fwd+bwd* (FlowDPS: ``data_gradient``; AFDPS:
-   ``residual_value_and_grad``) and *rest* (our code: blends, weights, resampling, callbacks). Right after
-   every timed step, inside the same sampling run, the **bare loop** replays exactly that step's
-   ``denoise`` inputs and decoder inputs: the same transformer calls, then a forward and a backward of the
-   same ``GradDecoder`` at the same latents, nothing else. ``sampler / bare`` is the sampler's time as a
-   multiple of this floor; sampler and floor alternate step by step, so load from other processes hits both.
+   ``residual_value_and_grad``) and *rest* (our code: blends, weights, resampling, callbacks). In every timed
+   step each transformer call and each decoder gradient of the sampler is followed at once by its **bare
+   replay**: the same ``denoise`` call on the same inputs, or a forward and a backward of the same
+   ``GradDecoder`` at the same latents, nothing else (excluded from the step's own time). ``sampler / bare``
+   is the sampler's step time as a multiple of this floor; pairs are seconds apart, so load from other
+   processes hits both about equally.
 2. **memory**: FlowDPS and AFDPS with N = 1, 4, 8 particles, chunk 1 and chunk N (full VAE, 64 px by
    default): process peak RSS, the extra resident memory of sampling (high-water mark reset at sampling
    start), the exact bytes autograd saves per decoder chunk, and ``torch.cuda.max_memory_allocated`` on CUDA.
@@ -186,51 +187,62 @@ class Step:
 
 @dataclass
 class Recorder:
-    """Steps of the sampling run and what the bare loop must replay for the step in progress."""
+    """Steps of the sampling run; in timed steps of ``split`` runs every transformer call and every decoder
+    gradient of the sampler is followed at once by its bare replay (paired measurements seconds apart), whose
+    time goes to ``Step.bare`` and is excluded from the step's own total."""
 
     run: Run
+    decoder_call: object = None
     steps: list[Step] = field(default_factory=list)
     step: Step = field(default_factory=Step)
     started: float = 0.0
     started_cpu: float = 0.0
-    denoise: object = None
     decoder: object = None
-    denoise_inputs: list = field(default_factory=list)
-    decoder_inputs: list = field(default_factory=list)
+    pending: list = field(default_factory=list)
     replaying: bool = False
 
     def begin_step(self) -> None:
-        self.step, self.denoise_inputs, self.decoder_inputs = Step(), [], []
+        self.step, self.pending = Step(), []
         self.started, self.started_cpu = clock(), cpu_clock()
 
-    def end_step(self, decoder_call) -> None:
-        self.step.total = clock() - self.started
-        self.step.total_cpu = cpu_clock() - self.started_cpu
+    def end_step(self) -> None:
+        self.step.total = clock() - self.started - self.step.bare
+        self.step.total_cpu = cpu_clock() - self.started_cpu - self.step.bare_cpu
         self.steps.append(self.step)
-        index = len(self.steps) - 1
-        if self.run.kind == "split" and self.run.warmup <= index < self.run.steps - self.run.tail:
-            cpu = cpu_clock()
-            self.step.bare = self.replay(decoder_call)
-            self.step.bare_cpu = cpu_clock() - cpu
         self.begin_step()
 
-    def replay(self, decoder_call) -> float:
-        """The bare loop for the step just finished: same denoise calls, decoder forward + backward only."""
-        import torch
+    @property
+    def pairing(self) -> bool:
+        """Whether the step in progress is timed and gets bare replays."""
+        index = len(self.steps)
+        return self.run.kind == "split" and self.run.warmup <= index < self.run.steps - self.run.tail
 
+    def replay(self, work) -> None:
+        """Run ``work()`` (a bare transformer call or decoder fwd+bwd) and book its time as bare loop."""
         self.replaying = True
         try:
-            start = clock()
-            for zt, sigma in self.denoise_inputs:
-                self.denoise(zt, sigma)
-            with torch.inference_mode(False), torch.enable_grad():
-                for z in self.decoder_inputs:
-                    u = z.clone().requires_grad_(True)
-                    x = decoder_call(self.decoder, u)
-                    torch.autograd.grad(x, u, grad_outputs=torch.ones_like(x))
-            return clock() - start
+            start, cpu = clock(), cpu_clock()
+            work()
+            self.step.bare += clock() - start
+            self.step.bare_cpu += cpu_clock() - cpu
         finally:
             self.replaying = False
+
+    def replay_decoder(self) -> None:
+        """Decoder forward + backward (unit cotangent) at the latents the sampler's gradient just decoded."""
+        import torch
+
+        inputs, self.pending = self.pending, []
+
+        def work():
+            with torch.inference_mode(False), torch.enable_grad():
+                for z in inputs:
+                    u = z.clone().requires_grad_(True)
+                    x = self.decoder_call(self.decoder, u)
+                    torch.autograd.grad(x, u, grad_outputs=torch.ones_like(x))
+
+        if inputs:
+            self.replay(work)
 
 
 def install_split_timers(rec: Recorder, saved: afc.SavedBytes, memory: dict) -> None:
@@ -238,12 +250,12 @@ def install_split_timers(rec: Recorder, saved: afc.SavedBytes, memory: dict) -> 
     memory marks), the decoder-gradient functions of both samplers and ``GradDecoder.__call__`` (records the
     latents the bare loop replays)."""
     decoder_cls = sts.pack_module("nodes/decoder.py").GradDecoder
-    decoder_call = decoder_cls.__call__
+    decoder_call = rec.decoder_call = decoder_cls.__call__
 
     def recording_call(self, z):
         if not rec.replaying and z.requires_grad:
             rec.decoder = self
-            rec.decoder_inputs.append(z.detach().clone())
+            rec.pending.append(z.detach().clone())
             rec.step.decoder_calls += z.shape[0]
         return decoder_call(self, z)
 
@@ -257,15 +269,15 @@ def install_split_timers(rec: Recorder, saved: afc.SavedBytes, memory: dict) -> 
                 rec.step.transformer += clock() - start
                 rec.step.transformer_cpu += cpu_clock() - cpu
                 rec.step.denoise_calls += 1
-                rec.denoise_inputs.append((zt.clone(), sigma.clone()))
+                if rec.pairing:
+                    rec.replay(lambda: denoise(zt, sigma))
                 return out
 
             def step_callback(payload):
                 if callback is not None:
                     callback(payload)
-                rec.end_step(decoder_call)
+                rec.end_step()
 
-            rec.denoise = denoise
             memory["rss_start"] = reset_memory()
             rec.begin_step()
             out = original(timed_denoise, z, sigmas, *args, callback=step_callback, **kwargs)
@@ -282,6 +294,9 @@ def install_split_timers(rec: Recorder, saved: afc.SavedBytes, memory: dict) -> 
             out = original(u, counted_forward(fn), *args, **kwargs)
             rec.step.decoder += clock() - start
             rec.step.decoder_cpu += cpu_clock() - cpu
+            if rec.pairing:
+                rec.replay_decoder()
+            rec.pending = []
             return out
 
         return wrapper
@@ -380,14 +395,26 @@ def checkpoint_blocks(decoder) -> int:
     return len(blocks)
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether the CPU has bf16 arithmetic (AVX512-BF16 or AMX); without it torch emulates bf16 convolutions,
+    which in a trial here was 6.6x slower than float32 for this decoder at 32 px (and far slower at 128 px)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def decoder_options(device) -> list[tuple[str, object, bool]]:
-    """(name, dtype, checkpointing) options; bf16 only where the device runs it."""
+    """(name, dtype, checkpointing) options; bfloat16 only where the device has it natively."""
     import torch
 
-    bf16 = torch.cuda.is_bf16_supported() if device.type == "cuda" else True
+    bf16 = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_native_bf16()
     out = [("float32", torch.float32, False), ("float32+checkpoint", torch.float32, True)]
     if bf16:
         out += [("bfloat16", torch.bfloat16, False), ("bfloat16+checkpoint", torch.bfloat16, True)]
+    else:
+        out += [("bfloat16", None, False), ("bfloat16+checkpoint", None, True)]
     return out
 
 
@@ -407,6 +434,9 @@ def decoder_worker(run: Run) -> dict:
     z = torch.randn(1, 16, run.size // 8, run.size // 8, generator=torch.Generator().manual_seed(0)).to(device)
     results, reference, t0 = [], None, time.perf_counter()
     for name, dtype, ckpt in decoder_options(device):
+        if dtype is None:
+            results.append({"option": name, "skipped": "no native bf16 on this CPU (AVX512-BF16 / AMX)"})
+            continue
         if results and time.perf_counter() - t0 > DECODER_BUDGET_S:
             results.append({"option": name, "skipped": f"time budget of {DECODER_BUDGET_S:.0f} s spent"})
             print(f"[bench] decoder option {name}: skipped (budget)", flush=True)
@@ -542,6 +572,7 @@ def summary_markdown(data: dict) -> str:
     memory = [r for r in results if r["kind"] == "memory"]
     decoder = [r for r in results if r["kind"] == "decoder"]
     notes = "".join(f"\n- `{r['name']}`: {r['note']}" for r in results if r.get("note"))
+    notes += "".join(f"\n- {note}" for note in data.get("notes", []))
     loads = ", ".join(f"{r['name']} {r['load_avg_1m']['before']:.1f}->{r['load_avg_1m']['after']:.1f}"
                       for r in results)
     parts = [f"""Last `make bench`: {env['date']}, `{env['command']}`, {data['wall_s']:.0f} s in all.
@@ -562,8 +593,8 @@ AFDPS: SDE, W2 weights, ESS threshold 0.5.{notes}{failed}
 
 {split_table(split)}
 
-*bare loop*: the same step's transformer calls (ComfyUI's CFG model call on the same inputs) and decoder
-forward + backward at the same latents, nothing else, replayed right after the step in the same process.
+*bare loop*: each of the step's transformer calls (ComfyUI's CFG model call on the same inputs) and decoder
+gradients (forward + backward at the same latents, nothing else) replayed immediately after the sampler's own.
 Our overhead is `sampler / bare - 1`: worst here {100 * (worst - 1):+.1f}% by {'process CPU time' if cpu else 'wall time'}
 (target <= {100 * (OVERHEAD_TARGET - 1):.0f}%: {'met' if worst <= OVERHEAD_TARGET else 'NOT met'}). On a shared CPU
 the wall-clock ratio mostly measures how the other jobs' load changed between the step and its replay; the
