@@ -291,9 +291,11 @@ FLOWDPS_SETTINGS = (
 )
 AFDPS_SETTINGS = (
     "**Settings.** 28 steps, CFG 2.0, shift 4.0 (FlowDPS's paper settings), 8 particles, eta 1, kappa 1, "
-    "resampling at ESS < 0.5, sigma_y 0.015 (afdps.md's defaults). Cost grows linearly with the particles; "
-    "`chunk_size` bounds the decoder memory (lower it if you run out). If the result is noisy with a small "
-    "sigma_y, lower kappa to 0.1-0.3."
+    "resampling at ESS < 0.5, sigma_y 0.015 (afdps.md's defaults), variant `sde`, and a stiffness clip "
+    "`kappa_clip` 0.5 that keeps the guided moves from overshooting (the weights stay exact; 0 turns it off). "
+    "Cost grows linearly with the particles; `chunk_size` bounds the decoder memory (lower it if you run out; "
+    "an out-of-memory chunk is retried smaller by itself). Variant `ode` is the probability-flow + Langevin "
+    "variant: twice the model calls, more weight variance."
 )
 AFDPS_OUTPUTS = (
     "**Outputs of AFDPS Restore.** *best* (highest-weight particle) and *mean* (weighted mean) are saved; "
