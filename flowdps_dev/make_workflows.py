@@ -166,9 +166,9 @@ def properties(node: Node, version: str) -> dict[str, Any]:
         "ver": version if ours else COMFY_VERSION,
         "Node name for S&R": node.type,
     }
-    model = MODEL_FILES.get(node.widgets.get("ckpt_name", ""))
-    if model is not None:
-        props["models"] = [model]
+    models = [MODEL_FILES[v] for v in node.widgets.values() if isinstance(v, str) and v in MODEL_FILES]
+    if models:
+        props["models"] = models
     return props
 
 
@@ -269,13 +269,20 @@ def dumps(data: Any, indent: int = 0) -> str:
 # ------------------------------------------------------------------------------------------- contents
 
 CHECKPOINT = "sd3_medium_incl_clips.safetensors"
-MODEL_FILES = {
-    CHECKPOINT: {
-        "name": CHECKPOINT,
-        "directory": "checkpoints",
-        "url": "https://huggingface.co/stabilityai/stable-diffusion-3-medium/resolve/main/sd3_medium_incl_clips.safetensors",
-    },
-}
+SD35_CHECKPOINT = "sd3.5_medium.safetensors"
+FLUX_UNET = "flux1-dev.safetensors"
+FLUX_VAE = "ae.safetensors"
+CLIP_G, CLIP_L, T5XXL = "clip_g.safetensors", "clip_l.safetensors", "t5xxl_fp16.safetensors"
+HF = "https://huggingface.co"
+MODEL_FILES = {name: {"name": name, "directory": folder, "url": url} for name, folder, url in (
+    (CHECKPOINT, "checkpoints", f"{HF}/stabilityai/stable-diffusion-3-medium/resolve/main/{CHECKPOINT}"),
+    (SD35_CHECKPOINT, "checkpoints", f"{HF}/stabilityai/stable-diffusion-3.5-medium/resolve/main/{SD35_CHECKPOINT}"),
+    (CLIP_G, "text_encoders", f"{HF}/stabilityai/stable-diffusion-3.5-medium/resolve/main/text_encoders/{CLIP_G}"),
+    (CLIP_L, "text_encoders", f"{HF}/comfyanonymous/flux_text_encoders/resolve/main/{CLIP_L}"),
+    (T5XXL, "text_encoders", f"{HF}/comfyanonymous/flux_text_encoders/resolve/main/{T5XXL}"),
+    (FLUX_UNET, "diffusion_models", f"{HF}/black-forest-labs/FLUX.1-dev/resolve/main/{FLUX_UNET}"),
+    (FLUX_VAE, "vae", f"{HF}/black-forest-labs/FLUX.1-dev/resolve/main/{FLUX_VAE}"),
+)}
 # The paper's sampling settings (FlowDPS, arXiv 2503.08136), set explicitly so a node's default can change.
 PAPER_SAMPLING = {"steps": 28, "cfg": 2.0, "shift": 4.0, "seed": 0}
 FLOWDPS_CITE = "**FlowDPS** (Kim, Kim & Ye, ICCV 2025, arXiv 2503.08136)"
@@ -443,6 +450,84 @@ BOX_INPAINT = Task(
 TASKS = (sr_task(4, "bicubic"), sr_task(12, "bicubic"), sr_task(12, "avgpool"), GAUSSIAN, MOTION, BOX_INPAINT, MASK_INPAINT)
 
 
+@dataclass(frozen=True)
+class Prior:
+    """The model family's loaders and prompts: where MODEL and VAE come from, the note's loading step, the
+    Restore nodes' sampling widgets (0 = the family default) and the height of the prior group."""
+
+    slug: str
+    label: str
+    nodes: tuple[Node, ...]
+    links: tuple[Link, ...]
+    model: tuple[str, str]
+    vae: tuple[str, str]
+    load_text: str
+    sampling: Mapping[str, Any]
+    graph_text: str
+    height: int = 420
+    inputs_note: str = ""
+
+
+def sd3_prior() -> Prior:
+    return Prior("sd3", "SD3", prior_nodes(), prior_links(), ("loader", "MODEL"), ("loader", "VAE"), LOAD_CHECKPOINT,
+                 PAPER_SAMPLING, "Load Checkpoint -> prompts (positive: a short description, negative: empty)")
+
+
+def sd35_prior() -> Prior:
+    nodes = (
+        Node("loader", "CheckpointLoaderSimple", (20, 70), (340, 100), {"ckpt_name": SD35_CHECKPOINT}),
+        Node("clip", "TripleCLIPLoader", (20, 200), (340, 130), {"clip_name1": CLIP_L, "clip_name2": CLIP_G,
+                                                                  "clip_name3": T5XXL}),
+        Node("positive", "CLIPTextEncode", (390, 70), (400, 160), {"text": "a high quality photo"},
+             title="Positive prompt", color=POSITIVE_COLOR),
+        Node("negative", "CLIPTextEncode", (390, 280), (400, 110), {"text": ""},
+             title="Negative prompt", color=NEGATIVE_COLOR),
+    )
+    links = (Link("clip", "CLIP", "positive", "clip"), Link("clip", "CLIP", "negative", "clip"))
+    load = (f"*Load Checkpoint*: `{SD35_CHECKPOINT}` (SD3.5 medium, "
+            "[Hugging Face](https://huggingface.co/stabilityai/stable-diffusion-3.5-medium), licence acceptance "
+            f"needed) in `ComfyUI/models/checkpoints/`; its MODEL and VAE are used. *TripleCLIPLoader*: `{CLIP_L}`, "
+            f"`{CLIP_G}`, `{T5XXL}` (the repository's `text_encoders/`) in `ComfyUI/models/text_encoders/`. "
+            "SD3.5 large works the same way (`sd3.5_large.safetensors`).")
+    return Prior("sd35", "SD3.5", nodes, links, ("loader", "MODEL"), ("loader", "VAE"), load,
+                 {"steps": 28, "cfg": 0.0, "shift": 0.0, "seed": 0},
+                 "Load Checkpoint (MODEL, VAE) and TripleCLIPLoader -> prompts (positive: a short description, "
+                 "negative: empty)")
+
+
+def flux_prior() -> Prior:
+    nodes = (
+        Node("loader", "UNETLoader", (20, 70), (340, 90), {"unet_name": FLUX_UNET}),
+        Node("clip", "DualCLIPLoader", (20, 190), (340, 130), {"clip_name1": CLIP_L, "clip_name2": T5XXL,
+                                                                "type": "flux"}),
+        Node("vae", "VAELoader", (20, 350), (340, 60), {"vae_name": FLUX_VAE}),
+        Node("text", "CLIPTextEncode", (390, 70), (400, 160), {"text": "a high quality photo"},
+             title="Prompt", color=POSITIVE_COLOR),
+        Node("positive", "FluxGuidance", (390, 260), (400, 60), {"guidance": 3.5}, title="Positive (Flux guidance)",
+             color=POSITIVE_COLOR),
+        Node("negative", "ConditioningZeroOut", (390, 350), (400, 30), title="Negative (unused at CFG 1)",
+             color=NEGATIVE_COLOR),
+    )
+    links = (Link("clip", "CLIP", "text", "clip"), Link("text", "CONDITIONING", "positive", "conditioning"),
+             Link("text", "CONDITIONING", "negative", "conditioning"))
+    load = (f"*Load Diffusion Model*: `{FLUX_UNET}` (FLUX.1 dev, "
+            "[Hugging Face](https://huggingface.co/black-forest-labs/FLUX.1-dev), licence acceptance needed) in "
+            f"`ComfyUI/models/diffusion_models/`. *DualCLIPLoader* (type flux): `{CLIP_L}` and `{T5XXL}` in "
+            f"`ComfyUI/models/text_encoders/`. *Load VAE*: `{FLUX_VAE}` (from the same repository) in "
+            "`ComfyUI/models/vae/`. FLUX.1 schnell works too (`flux1-schnell.safetensors`, about 4 steps).")
+    return Prior("flux", "Flux", nodes, links, ("loader", "MODEL"), ("vae", "VAE"), load,
+                 {"steps": 28, "cfg": 0.0, "shift": 0.0, "seed": 0},
+                 "Load Diffusion Model, DualCLIPLoader, Load VAE -> prompt -> FluxGuidance 3.5 (positive); "
+                 "ConditioningZeroOut (negative: Flux is guidance-distilled, CFG 1)", height=440)
+
+
+FAMILY_SETTINGS = (
+    "**Model family.** `cfg` 0 and `shift` 0 on the restore node mean *this family's default*: SD3.5 shift 3, "
+    "CFG 2; Flux dev CFG 1 (guidance through FluxGuidance) with a shift from the image size, as "
+    "ModelSamplingFlux; schnell shift 1. Set them to override."
+)
+
+
 def prior_nodes() -> tuple[Node, ...]:
     return (
         Node("loader", "CheckpointLoaderSimple", (20, 70), (340, 100), {"ckpt_name": CHECKPOINT}),
@@ -457,12 +542,13 @@ def prior_links() -> tuple[Link, ...]:
     return (Link("loader", "CLIP", "positive", "clip"), Link("loader", "CLIP", "negative", "clip"))
 
 
-def sampler_links(sampler: str, measurement: str = "measurement") -> tuple[Link, ...]:
+def sampler_links(sampler: str, measurement: str = "measurement", prior: Prior | None = None) -> tuple[Link, ...]:
+    model, vae = (prior.model, prior.vae) if prior else (("loader", "MODEL"), ("loader", "VAE"))
     return (
-        Link("loader", "MODEL", sampler, "model"),
+        Link(*model, sampler, "model"),
         Link("positive", "CONDITIONING", sampler, "positive"),
         Link("negative", "CONDITIONING", sampler, "negative"),
-        Link("loader", "VAE", sampler, "vae"),
+        Link(*vae, sampler, "vae"),
         Link(measurement, "IMAGE" if measurement == "measurement" else "measurement", sampler, "measurement"),
         Link("operator", "operator", sampler, "operator"),
     )
@@ -483,10 +569,11 @@ def pinv_links(measurement: str = "measurement", output: str = "IMAGE") -> tuple
     )
 
 
-def groups(measurement_height: int, sampler_width: int = 950, sampler_height: int = 1260) -> tuple[Group, ...]:
+def groups(measurement_height: int, sampler_width: int = 950, sampler_height: int = 1260,
+           prior_height: int = 420) -> tuple[Group, ...]:
     return (
-        Group("prior", (0, 0, 810, 420), GROUP_COLORS["prior"]),
-        Group("measurement", (0, 440, 810, measurement_height), GROUP_COLORS["measurement"]),
+        Group("prior", (0, 0, 810, prior_height), GROUP_COLORS["prior"]),
+        Group("measurement", (0, prior_height + 20, 810, measurement_height), GROUP_COLORS["measurement"]),
         Group("posterior sampler", (840, 0, sampler_width, sampler_height), GROUP_COLORS["posterior sampler"]),
     )
 
@@ -496,10 +583,10 @@ def note(title: str, paragraphs: list[str]) -> Node:
                 text="\n\n".join(p for p in paragraphs if p) + "\n")
 
 
-def load_steps(task: Task) -> str:
+def load_steps(task: Task, prior: Prior | None = None) -> str:
     return "\n".join((
         "**Load**",
-        f"1. {LOAD_CHECKPOINT}",
+        f"1. {prior.load_text if prior else LOAD_CHECKPOINT}",
         f"2. *{'Photo + mask' if task is MASK_INPAINT else 'Measurement'}*: {task.measurement_step}",
         f"3. *Operator*: {task.operator_step}",
     ))
@@ -509,46 +596,51 @@ def pinv_y(task: Task) -> int:
     return task.operator.pos[1] + task.operator.size[1] + 20
 
 
-def flowdps_restore(task: Task, serial: int) -> Workflow:
+def flowdps_restore(task: Task, serial: int, prior: Prior | None = None) -> Workflow:
+    prior = prior or sd3_prior()
     label = task.label
     title = f"FlowDPS {label}"
     nodes = (
-        *prior_nodes(),
+        *prior.nodes,
         Node("measurement", "LoadImage", (20, 520), (340, 380), {"image": "measurement.png"},
              title=task.measurement_title),
         task.operator,
         *task.extra_nodes,
-        Node("restore", "FlowDPSRestore", (860, 70), (360, 430), {**PAPER_SAMPLING, **task.flowdps_widgets}),
+        Node("restore", "FlowDPSRestore", (860, 70), (360, 430), {**prior.sampling, **task.flowdps_widgets}),
         Node("save", "SaveImage", (1250, 70), (520, 560), {"filename_prefix": f"FlowDPS/{task.slug}"}),
         *pinv_nodes(task, pinv_y(task)),
         note(title, [
-            f"## {title[0].upper()}{title[1:]} with SD3",
+            f"## {title[0].upper()}{title[1:]} with {prior.label}",
             f"**What it does.** Restores a degraded photo with {FLOWDPS_CITE}: posterior sampling with the "
-            f"Stable Diffusion 3 flow model as prior, no training. {task.what}",
-            load_steps(task),
-            "**Graph.** Load Checkpoint -> prompts (positive: a short description, negative: empty) -> **FlowDPS "
+            f"{'Stable Diffusion 3' if prior.slug == 'sd3' else prior.label} flow model as prior, no training. "
+            f"{task.what}",
+            load_steps(task, prior),
+            f"**Graph.** {prior.graph_text} -> **FlowDPS "
             "Restore**, which also takes the measurement and the operator; its output goes to Save Image. "
             f"*{task.pinv_title}* is the naive least-squares answer, for comparison.",
-            FLOWDPS_SETTINGS,
+            FLOWDPS_SETTINGS if prior.slug == "sd3" else FAMILY_SETTINGS,
             task.note_tail,
             "**Headless:** `make demo` in the pack's repository runs the SR x4 workflow on a test photo.",
         ]),
     )
-    links = (*prior_links(), *sampler_links("restore"), Link("restore", "image", "save", "images"),
+    links = (*prior.links, *sampler_links("restore", prior=prior), Link("restore", "image", "save", "images"),
              *task.extra_links, *pinv_links())
-    return Workflow(f"flowdps_sd3_{task.slug}", serial, nodes, links, groups(task.measurement_height),
-                    task=label, sampler="FlowDPS Restore", inputs=task.inputs)
+    return Workflow(f"flowdps_{prior.slug}_{task.slug}", serial, nodes, links,
+                    groups(task.measurement_height, prior_height=prior.height),
+                    task=label + ("" if prior.slug == "sd3" else f" ({prior.label})"), sampler="FlowDPS Restore",
+                    inputs=task.inputs)
 
 
-def afdps_restore(task: Task, serial: int) -> Workflow:
+def afdps_restore(task: Task, serial: int, prior: Prior | None = None) -> Workflow:
+    prior = prior or sd3_prior()
     title = f"AFDPS {task.label}"
     nodes = (
-        *prior_nodes(),
+        *prior.nodes,
         Node("measurement", "LoadImage", (20, 520), (340, 380), {"image": "measurement.png"},
              title=task.measurement_title),
         task.operator,
         *task.extra_nodes,
-        Node("restore", "AFDPSRestore", (860, 70), (360, 520), PAPER_SAMPLING),
+        Node("restore", "AFDPSRestore", (860, 70), (360, 520), prior.sampling),
         Node("save_best", "SaveImage", (1250, 70), (520, 560), {"filename_prefix": f"AFDPS/{task.slug}_best"},
              title="Save best particle"),
         Node("save_mean", "SaveImage", (1800, 70), (520, 560), {"filename_prefix": f"AFDPS/{task.slug}_mean"},
@@ -559,26 +651,30 @@ def afdps_restore(task: Task, serial: int) -> Workflow:
         Node("report", "PreviewAny", (860, 640), (360, 300), title="Report (ESS, weights, residuals)"),
         *pinv_nodes(task, pinv_y(task)),
         note(title, [
-            f"## {title[0].upper()}{title[1:]} with SD3",
+            f"## {title[0].upper()}{title[1:]} with {prior.label}",
             f"**What it does.** Restores a degraded photo with {AFDPS_CITE}, an ensemble posterior sampler: "
             "**8 weighted particles** move together under a guided SDE with exact twisted-SMC weights and are "
             "resampled when the effective sample size drops, so you get several plausible restorations and how "
             f"much they disagree. {task.what}",
-            load_steps(task),
+            load_steps(task, prior),
             AFDPS_OUTPUTS + f" *{task.pinv_title}* is the naive least-squares answer, for comparison.",
-            AFDPS_SETTINGS,
+            AFDPS_SETTINGS if prior.slug == "sd3" else AFDPS_SETTINGS.replace(
+                "28 steps, CFG 2.0, shift 4.0 (FlowDPS's paper settings)", "28 steps, the family's CFG and shift")
+            + ("" if prior.slug == "sd3" else "\n\n" + FAMILY_SETTINGS),
             task.note_tail.replace("these are its settings", "these are FlowDPS's settings"),
         ]),
     )
     links = (
-        *prior_links(), *sampler_links("restore"),
+        *prior.links, *sampler_links("restore", prior=prior),
         Link("restore", "best", "save_best", "images"), Link("restore", "mean", "save_mean", "images"),
         Link("restore", "particles", "particles", "images"), Link("restore", "uncertainty", "uncertainty", "images"),
         Link("restore", "report", "report", "source"),
         *task.extra_links, *pinv_links(),
     )
-    return Workflow(f"afdps_sd3_{task.slug}", serial, nodes, links, groups(task.measurement_height, 1500, 1870),
-                    task=task.label, sampler="AFDPS Restore", inputs=task.inputs)
+    return Workflow(f"afdps_{prior.slug}_{task.slug}", serial, nodes, links,
+                    groups(task.measurement_height, 1500, 1870, prior_height=prior.height),
+                    task=task.label + ("" if prior.slug == "sd3" else f" ({prior.label})"), sampler="AFDPS Restore",
+                    inputs=task.inputs)
 
 
 def flowdps_custom_sampler(serial: int) -> Workflow:
@@ -699,7 +795,11 @@ def all_workflows() -> tuple[Workflow, ...]:
     serials = {"superres_x4": 1, "gaussian_deblur": 2, "motion_deblur": 3, "inpainting": 4}
     flowdps = [flowdps_restore(t, serials.get(t.slug, 0x10 + i)) for i, t in enumerate(TASKS)]
     afdps = [afdps_restore(t, 5 if t.slug == "superres_x4" else 0x20 + i) for i, t in enumerate(TASKS)]
-    return (*flowdps, flowdps_custom_sampler(6), simulate_then_restore(0x30), *afdps)
+    sr4, box = TASKS[0], BOX_INPAINT
+    families = []
+    for i, prior in enumerate((sd35_prior(), flux_prior())):
+        families += [flowdps_restore(sr4, 0x40 + 2 * i, prior), afdps_restore(box, 0x41 + 2 * i, prior)]
+    return (*flowdps, flowdps_custom_sampler(6), simulate_then_restore(0x30), *afdps, *families)
 
 
 # ---------------------------------------------------------------------------------------------- output

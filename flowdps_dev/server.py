@@ -25,6 +25,9 @@ from typing import Any
 from .comfy_env import MODEL_KINDS, PACK_FOLDER, resolve_comfy_path
 
 HOST = "127.0.0.1"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TEST_NODES_DIR = REPO_ROOT / "flowdps_dev" / "comfy_test_nodes"
+TEST_NODES_PACKAGE = "flowdps_test_nodes"
 
 
 def free_port() -> int:
@@ -69,7 +72,7 @@ class ComfyServer:
     def __init__(self, comfy_path: str | os.PathLike | None = None, *, models_dir: str | os.PathLike | None = None,
                  work_dir: str | os.PathLike, port: int | None = None, python: str | None = None,
                  extra_args: tuple[str, ...] = (), checkpoint_dirs: tuple[str | os.PathLike, ...] = (),
-                 cpu: bool = True) -> None:
+                 cpu: bool = True, test_nodes: bool = False) -> None:
         self.comfy_dir = resolve_comfy_path(comfy_path)
         self.work_dir = Path(work_dir)
         self.port = port or free_port()
@@ -88,11 +91,15 @@ class ComfyServer:
             lines.append(f"  base_path: {self.work_dir}")
         for i, folder in enumerate(checkpoint_dirs):  # extra folders searched for checkpoints (e.g. a user's file)
             lines += [f"flowdps_checkpoints_{i}:", f"  base_path: {Path(folder).resolve()}", "  checkpoints: ."]
+        whitelist = [PACK_FOLDER]
+        if test_nodes:  # the test-only loader of the tiny Flux / SD1.5 models (flowdps_dev/comfy_test_nodes)
+            lines += ["flowdps_test_nodes:", f"  custom_nodes: {TEST_NODES_DIR}"]
+            whitelist.append(TEST_NODES_PACKAGE)
         config.write_text("\n".join(lines) + "\n")
         self.cmd = [
             python or sys.executable, "main.py", *(["--cpu"] if cpu else []), "--listen", HOST, "--port", str(self.port),
             "--disable-auto-launch", "--disable-api-nodes", "--preview-method", "none",
-            "--disable-all-custom-nodes", "--whitelist-custom-nodes", PACK_FOLDER,
+            "--disable-all-custom-nodes", "--whitelist-custom-nodes", *whitelist,
             "--extra-model-paths-config", str(config),
             "--output-directory", str(self.output_dir), "--input-directory", str(self.work_dir / "input"),
             "--temp-directory", str(self.work_dir / "temp"), "--user-directory", str(self.work_dir / "user"),
@@ -103,6 +110,8 @@ class ComfyServer:
     # -- life cycle ------------------------------------------------------------------------------------
     def start(self, timeout: float = 180.0) -> ComfyServer:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
+        # flowdps_dev importable by the test-only nodes
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
         self._log = open(self.log_path, "w")  # noqa: SIM115  (closed in stop())
         self.proc = subprocess.Popen(self.cmd, cwd=self.comfy_dir, stdout=self._log, stderr=subprocess.STDOUT,
                                      env=env, start_new_session=True)

@@ -16,7 +16,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .graphs import TINY_CHECKPOINT
+from .graphs import (
+    TINY_CHECKPOINT,
+    TINY_CLIP_L,
+    TINY_FLUX_DEV_UNET,
+    TINY_FLUX_VAE,
+    TINY_MODEL_LOADER,
+    TINY_SD35_MEDIUM_UNET,
+    TINY_VAE,
+)
 
 SIZE = 64  # restored image side in the runs (tiny model, 1 step); SR x12 runs at 96 (a multiple of 12 and 16)
 SMALL_KERNEL = 7  # blur kernel size in the runs (61 does not fit a 64 px image)
@@ -74,10 +82,49 @@ def write_test_image(input_dir: str | Path, prompt: dict) -> str:
     return name
 
 
-def substituted(input_dir: str | Path, prompt: dict) -> dict:
-    """What a user supplies (checkpoint, photo): the tiny checkpoint and a test image (``prompt`` is changed)."""
+USER_FILE_LOADERS = ("CheckpointLoaderSimple", "UNETLoader", "TripleCLIPLoader", "DualCLIPLoader", "VAELoader",
+                     "LoadImage")
+
+
+def family_of(prompt: dict) -> str:
+    """The model family a shipped workflow's loaders name: "sd3", "sd35" or "flux"."""
+    if of_type(prompt, "DualCLIPLoader"):
+        return "flux"
+    return "sd35" if of_type(prompt, "TripleCLIPLoader") else "sd3"
+
+
+def substitute_models(prompt: dict) -> dict:
+    """The tiny models in place of the user's (``prompt`` is changed): the SD3 checkpoint -> the tiny one;
+    the SD3.5 checkpoint -> the tiny SD3.5 UNET plus the tiny SD3 VAE (its VAE output is rewired); Flux's UNET
+    -> the tiny Flux through the test-only loader (ComfyUI cannot detect a config that small); the text
+    encoders -> the tiny CLIP-L; Flux's VAE -> its tiny TAESD."""
     for node_id in of_type(prompt, "CheckpointLoaderSimple"):
-        prompt[node_id]["inputs"]["ckpt_name"] = TINY_CHECKPOINT
+        if not prompt[node_id]["inputs"]["ckpt_name"].startswith("sd3.5"):
+            prompt[node_id]["inputs"]["ckpt_name"] = TINY_CHECKPOINT
+            continue
+        prompt[node_id] = {"class_type": "UNETLoader",
+                           "inputs": {"unet_name": TINY_SD35_MEDIUM_UNET, "weight_dtype": "default"}}
+        vae_id = f"{node_id}_tiny_vae"
+        prompt[vae_id] = {"class_type": "VAELoader", "inputs": {"vae_name": TINY_VAE}}
+        for node in list(prompt.values()):
+            for name, value in node["inputs"].items():
+                if value == [node_id, 2]:
+                    node["inputs"][name] = [vae_id, 0]
+    for node_id in of_type(prompt, "UNETLoader"):
+        if prompt[node_id]["inputs"]["unet_name"].startswith("flux"):
+            prompt[node_id] = {"class_type": TINY_MODEL_LOADER, "inputs": {"unet_name": TINY_FLUX_DEV_UNET}}
+    for node_id in of_type(prompt, "TripleCLIPLoader", "DualCLIPLoader"):
+        prompt[node_id] = {"class_type": "CLIPLoader",
+                           "inputs": {"clip_name": TINY_CLIP_L, "type": "sd3", "device": "default"}}
+    for node_id in of_type(prompt, "VAELoader"):
+        if prompt[node_id]["inputs"]["vae_name"] == "ae.safetensors":
+            prompt[node_id]["inputs"]["vae_name"] = TINY_FLUX_VAE
+    return prompt
+
+
+def substituted(input_dir: str | Path, prompt: dict) -> dict:
+    """What a user supplies (models, photo): the tiny models and a test image (``prompt`` is changed)."""
+    substitute_models(prompt)
     image = write_test_image(input_dir, prompt)
     for node_id in of_type(prompt, "LoadImage"):
         prompt[node_id]["inputs"]["image"] = image

@@ -56,7 +56,7 @@ def comfy_server(tmp_path_factory):
         comfy_env.resolve_comfy_path()
     except comfy_env.ComfyNotFoundError as e:
         _comfy_unavailable(str(e))
-    server = ComfyServer(work_dir=tmp_path_factory.mktemp("comfy_server"))
+    server = ComfyServer(work_dir=tmp_path_factory.mktemp("comfy_server"), test_nodes=True)
     server.start()
     yield server
     server.stop()
