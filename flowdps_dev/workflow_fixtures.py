@@ -122,6 +122,19 @@ def substitute_models(prompt: dict) -> dict:
     return prompt
 
 
+def write_test_photo(path: str | Path, side: int, seed: int, *, flip_y: bool = False) -> Path:
+    """A side x side RGB test photo (smooth ramps + 20 % seeded noise, 8-bit PNG) at ``path``; ``flip_y``
+    mirrors the green ramp. The photo of the node tests (their seeds keep their measured numbers)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, side), torch.linspace(0, 1, side), indexing="ij")
+    green = 1 - yy if flip_y else yy
+    image = torch.stack([xx, green, (xx - yy).abs()], dim=-1) * 0.8 + 0.2 * torch.rand(side, side, 3, generator=g)
+    Image.fromarray((image.clamp(0, 1).numpy() * 255).round().astype(np.uint8)).save(path)
+    return Path(path)
+
+
 def substituted(input_dir: str | Path, prompt: dict) -> dict:
     """What a user supplies (models, photo): the tiny models and a test image (``prompt`` is changed)."""
     substitute_models(prompt)

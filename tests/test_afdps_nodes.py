@@ -7,12 +7,11 @@ from __future__ import annotations
 import logging
 import re
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from flowdps_dev import graphs
+from flowdps_dev.workflow_fixtures import write_test_photo
 
 pytestmark = pytest.mark.comfy
 
@@ -34,20 +33,10 @@ TASKS = {
 
 @pytest.fixture(scope="module")
 def photo(comfy) -> str:
-    g = torch.Generator().manual_seed(3)
-    yy, xx = torch.meshgrid(torch.linspace(0, 1, SIZE), torch.linspace(0, 1, SIZE), indexing="ij")
-    image = torch.stack([xx, yy, (xx - yy).abs()], dim=-1) * 0.8 + 0.2 * torch.rand(SIZE, SIZE, 3, generator=g)
-    Image.fromarray((image.clamp(0, 1).numpy() * 255).round().astype(np.uint8)).save(comfy.input_dir / PHOTO)
+    write_test_photo(comfy.input_dir / PHOTO, SIZE, seed=3)
     return PHOTO
 
 
-def loaders(g: graphs.GraphBuilder):
-    model = g.add("UNETLoader", "loader", unet_name=graphs.TINY_UNET, weight_dtype="default").out()
-    clip = g.add("CLIPLoader", "clip", clip_name=graphs.TINY_CLIP_L, type="sd3", device="default").out()
-    vae = g.add("VAELoader", "vae", vae_name=graphs.TINY_VAE).out()
-    pos = g.add("CLIPTextEncode", "positive", clip=clip, text="a photo").out()
-    neg = g.add("ConditioningZeroOut", "negative", conditioning=pos).out()
-    return model, vae, pos, neg
 
 
 def measurement(g: graphs.GraphBuilder, task: str):
@@ -62,7 +51,7 @@ def restore_graph(task: str, *, seed: int = 0, steps: int = STEPS, sigma_y: floa
                   ess_threshold: float = 1.0, kappa: float = KAPPA, **late) -> dict:
     """``late``: the optional inputs added later (variant, kappa_clip); absent = their defaults."""
     g = graphs.GraphBuilder()
-    model, vae, pos, neg = loaders(g)
+    model, vae, pos, neg = graphs.prior_loaders(g, graphs.TINY_PRIORS["sd3"])
     op, y = measurement(g, task)
     g.add("AFDPSRestore", "restore", model=model, positive=pos, negative=neg, vae=vae, measurement=y, operator=op,
           particles=PARTICLES, steps=steps, cfg=1.5, shift=3.0, seed=seed, eta=1.0, kappa=kappa, ess_threshold=ess_threshold,
@@ -74,7 +63,7 @@ def restore_graph(task: str, *, seed: int = 0, steps: int = STEPS, sigma_y: floa
 def sampler_graph(task: str, *, seed: int = 0, sigma_y: float = SIGMA_Y, output: str = "best", batch: int = 1,
                   width: int = SIZE, kappa: float = KAPPA) -> dict:
     g = graphs.GraphBuilder()
-    model, vae, pos, neg = loaders(g)
+    model, vae, pos, neg = graphs.prior_loaders(g, graphs.TINY_PRIORS["sd3"])
     model = g.add("ModelSamplingSD3", "shift", model=model, shift=3.0).out()
     op, y = measurement(g, task)
     guider = g.add("CFGGuider", "guider", model=model, positive=pos, negative=neg, cfg=1.5).out()

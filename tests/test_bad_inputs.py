@@ -100,15 +100,12 @@ def image_node(g: graphs.GraphBuilder, spec: dict, node_id: str) -> list:
 
 
 def loaders(g: graphs.GraphBuilder, case: dict) -> tuple[list, list, list, list]:
-    if "model" in case:  # another family's tiny model, through the test-only loader
-        model = g.add(graphs.TINY_MODEL_LOADER, "loader", unet_name=case["model"]).out()
-    else:
-        model = g.add("UNETLoader", "loader", unet_name=graphs.TINY_UNET, weight_dtype="default").out()
-    clip = g.add("CLIPLoader", "clip", clip_name=graphs.TINY_CLIP_L, type="sd3", device="default").out()
-    vae = g.add("VAELoader", "vae", vae_name=case.get("vae", graphs.TINY_VAE)).out()
-    pos = g.add("CLIPTextEncode", "positive", clip=clip, text="a photo").out()
-    neg = g.add("ConditioningZeroOut", "negative", conditioning=pos).out()
-    return model, vae, pos, neg
+    """The tiny SD3 prior, or another family's tiny model (``case["model"]``, through the test-only loader),
+    with ``case["vae"]`` if given."""
+    prior = graphs.TINY_PRIORS["sd3"]
+    if "model" in case:
+        prior = graphs.TinyPrior("case", case["model"], prior.vae, graphs.TINY_MODEL_LOADER)
+    return graphs.prior_loaders(g, prior, vae_name=case.get("vae"))
 
 
 SAMPLER_DEFAULTS = {

@@ -88,11 +88,7 @@ def random_graph(rng: random.Random, object_info: dict) -> dict:
     consumer = rng.choice(CONSUMERS)
     widgets = random_widgets(rng, object_info[consumer])
     if consumer in ("FlowDPSRestore", "AFDPSRestore"):
-        model = g.add("UNETLoader", "loader", unet_name=graphs.TINY_UNET, weight_dtype="default").out()
-        clip = g.add("CLIPLoader", "clip", clip_name=graphs.TINY_CLIP_L, type="sd3", device="default").out()
-        vae = g.add("VAELoader", "vae", vae_name=graphs.TINY_VAE).out()
-        pos = g.add("CLIPTextEncode", "positive", clip=clip, text="a photo").out()
-        neg = g.add("ConditioningZeroOut", "negative", conditioning=pos).out()
+        model, vae, pos, neg = graphs.prior_loaders(g, graphs.TINY_PRIORS["sd3"])
         target = g.add(consumer, "target", model=model, positive=pos, negative=neg, vae=vae, measurement=image,
                        operator=op, **widgets)
     elif consumer == "FlowDPSSimulateMeasurement":

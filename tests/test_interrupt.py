@@ -25,11 +25,7 @@ STEPS = 6
 
 def graph(kind: str, steps: int = STEPS) -> dict:
     g = graphs.GraphBuilder()
-    model = g.add("UNETLoader", "loader", unet_name=graphs.TINY_UNET, weight_dtype="default").out()
-    clip = g.add("CLIPLoader", "clip", clip_name=graphs.TINY_CLIP_L, type="sd3", device="default").out()
-    vae = g.add("VAELoader", "vae", vae_name=graphs.TINY_VAE).out()
-    pos = g.add("CLIPTextEncode", "positive", clip=clip, text="a photo").out()
-    neg = g.add("ConditioningZeroOut", "negative", conditioning=pos).out()
+    model, vae, pos, neg = graphs.prior_loaders(g, graphs.TINY_PRIORS["sd3"])
     image = g.add("EmptyImage", "image", width=SIZE // 2, height=SIZE // 2, batch_size=1, color=0x446688).out()
     op = g.add("FlowDPSOperatorSRBicubic", "op", factor=2).out()
     common = {"model": model, "positive": pos, "negative": neg, "vae": vae, "measurement": image, "operator": op,

@@ -7,12 +7,11 @@ from __future__ import annotations
 import logging
 import math
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from flowdps_dev import graphs
+from flowdps_dev.workflow_fixtures import write_test_photo
 
 pytestmark = pytest.mark.comfy
 
@@ -28,10 +27,7 @@ AFDPS_STEPS = 3
 
 @pytest.fixture(scope="module")
 def photo(comfy) -> str:
-    g = torch.Generator().manual_seed(5)
-    yy, xx = torch.meshgrid(torch.linspace(0, 1, SIZE), torch.linspace(0, 1, SIZE), indexing="ij")
-    image = torch.stack([xx, (1 - yy), (xx - yy).abs()], dim=-1) * 0.8 + 0.2 * torch.rand(SIZE, SIZE, 3, generator=g)
-    Image.fromarray((image.clamp(0, 1).numpy() * 255).round().astype(np.uint8)).save(comfy.input_dir / PHOTO)
+    write_test_photo(comfy.input_dir / PHOTO, SIZE, seed=5, flip_y=True)
     return PHOTO
 
 

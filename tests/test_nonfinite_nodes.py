@@ -56,12 +56,8 @@ def session(comfy):
 
 def graph(kind: str, at_call: int, rows: str, **inputs) -> dict:
     g = graphs.GraphBuilder()
-    model = g.add("UNETLoader", "loader", unet_name=graphs.TINY_UNET, weight_dtype="default").out()
+    model, vae, pos, neg = graphs.prior_loaders(g, graphs.TINY_PRIORS["sd3"])
     model = g.add("FlowDPSDevNaNModel", "nan", model=model, at_call=at_call, rows=rows).out()
-    clip = g.add("CLIPLoader", "clip", clip_name=graphs.TINY_CLIP_L, type="sd3", device="default").out()
-    vae = g.add("VAELoader", "vae", vae_name=graphs.TINY_VAE).out()
-    pos = g.add("CLIPTextEncode", "positive", clip=clip, text="a photo").out()
-    neg = g.add("ConditioningZeroOut", "negative", conditioning=pos).out()
     image = g.add("EmptyImage", "image", width=SIZE // 2, height=SIZE // 2, batch_size=1, color=0x446688).out()
     op = g.add("FlowDPSOperatorSRBicubic", "op", factor=2).out()
     common = {"model": model, "positive": pos, "negative": neg, "vae": vae, "measurement": image, "operator": op,

@@ -8,12 +8,11 @@ from __future__ import annotations
 import gc
 import weakref
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from flowdps_dev import graphs
+from flowdps_dev.workflow_fixtures import write_test_photo
 
 pytestmark = pytest.mark.comfy
 
@@ -23,19 +22,12 @@ PHOTO = "flowdps_psld_photo.png"
 
 @pytest.fixture(scope="module")
 def photo(comfy) -> str:
-    g = torch.Generator().manual_seed(4)
-    yy, xx = torch.meshgrid(torch.linspace(0, 1, SIZE), torch.linspace(0, 1, SIZE), indexing="ij")
-    image = torch.stack([xx, yy, (xx - yy).abs()], dim=-1) * 0.8 + 0.2 * torch.rand(SIZE, SIZE, 3, generator=g)
-    Image.fromarray((image.clamp(0, 1).numpy() * 255).round().astype(np.uint8)).save(comfy.input_dir / PHOTO)
+    write_test_photo(comfy.input_dir / PHOTO, SIZE, seed=4)
     return PHOTO
 
 
 def problem_nodes(g: graphs.GraphBuilder):
-    model = g.add("UNETLoader", "loader", unet_name=graphs.TINY_UNET, weight_dtype="default").out()
-    clip = g.add("CLIPLoader", "clip", clip_name=graphs.TINY_CLIP_L, type="sd3", device="default").out()
-    vae = g.add("VAELoader", "vae", vae_name=graphs.TINY_VAE).out()
-    pos = g.add("CLIPTextEncode", "positive", clip=clip, text="a photo").out()
-    neg = g.add("ConditioningZeroOut", "negative", conditioning=pos).out()
+    model, vae, pos, neg = graphs.prior_loaders(g, graphs.TINY_PRIORS["sd3"])
     image = g.add("LoadImage", "photo", image=PHOTO).out()
     op = g.add("FlowDPSOperatorSRBicubic", "op", factor=2).out()
     y = g.add("FlowDPSSimulateMeasurement", "sim", image=image, operator=op, sigma_y=0.01, seed=0).out()

@@ -142,11 +142,7 @@ def test_bad_widget_values_are_rejected(comfy, test_operator):
 
 def restore_graph(size: int = 24, seed: int = 0, method: str = "flowdps") -> dict:
     g = graphs.GraphBuilder()
-    model = g.add("UNETLoader", "loader", unet_name=graphs.TINY_UNET, weight_dtype="default").out()
-    clip = g.add("CLIPLoader", "clip", clip_name=graphs.TINY_CLIP_L, type="sd3", device="default").out()
-    vae = g.add("VAELoader", "vae", vae_name=graphs.TINY_VAE).out()
-    pos = g.add("CLIPTextEncode", "positive", clip=clip, text="a photo").out()
-    neg = g.add("ConditioningZeroOut", "negative", conditioning=pos).out()
+    model, vae, pos, neg = graphs.prior_loaders(g, graphs.TINY_PRIORS["sd3"])
     op, y = measurement_nodes(g, size)
     g.add("FlowDPSRestore", "restore", model=model, positive=pos, negative=neg, vae=vae, measurement=y, operator=op,
           seed=seed, steps=3, cfg=2.0, shift=4.0, method=method, dc_steps=2, step_size=15.0, step_size_end=-1.0,

@@ -33,13 +33,7 @@ from flowdps.samplers.flow import noise_from_x0, velocity_from_x0
 from flowdps.samplers.flowdps import NonFiniteError
 from flowdps.samplers.testing import GaussianMixture, shifted_sigmas
 
-
-@pytest.fixture(autouse=True)
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def test_config_defaults_are_the_recommended_configuration():

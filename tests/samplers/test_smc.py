@@ -23,13 +23,7 @@ from flowdps.samplers.smc import (
 SCHEMES = {"systematic": systematic_resample, "multinomial": multinomial_resample}
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny tensors: one intra-op thread (threads only add wake-up latency on a busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def random_log_weights(n, seed, scale=2.0):
