@@ -15,6 +15,7 @@ from flowdps.samplers import (
     FlowChefConfig,
     FlowDPSConfig,
     NonFiniteError,
+    PSLDConfig,
     Schedule,
     data_consistency,
     data_gradient,
@@ -212,7 +213,8 @@ def test_wrong_loss_or_denoiser_shape(generator):
                               lambda u: torch.zeros(2), FlowDPSConfig())
 
 
-@pytest.mark.parametrize("config", [FlowDPSConfig(), FlowChefConfig()], ids=["flowdps", "flowchef"])
+@pytest.mark.parametrize("config", [FlowDPSConfig(), FlowChefConfig(), PSLDConfig(gluing_weight=0.0)],
+                         ids=["flowdps", "flowchef", "psld"])  # psld: the path that differentiates the denoiser
 def test_a_nan_from_the_model_stops_the_run_naming_the_step(generator, config):
     """A test hook: the denoiser returns NaN in batch item 1 at the third call; the run stops there with an
     error naming step 3 of 4, its sigma and the item, and no later step runs."""
@@ -221,7 +223,7 @@ def test_a_nan_from_the_model_stops_the_run_naming_the_step(generator, config):
 
     def denoise(x, sigma):
         calls.append(float(sigma[0]))
-        out = torch.zeros_like(x)
+        out = x * 0.0                                  # depends on x: PSLD differentiates through it
         if len(calls) == 3:
             out[1, 0] = float("nan")
         return out
