@@ -35,8 +35,9 @@ from .paper import (
     PAPER_GAUSSIAN_SIGMA,
     PAPER_SVD_THRESHOLD,
     PaperGaussianBlur,
-    paper_gaussian_matrices,
+    paper_channel_scales,
     paper_gaussian_matrix,
+    paper_gaussian_svd,
     paper_gaussian_taps,
 )
 from .sr import BICUBIC_A, PAPER_SR_FACTOR, AvgPoolSR, BicubicSR, bicubic_matrices
@@ -78,8 +79,9 @@ __all__ = [
     "keep_mask_from_comfy_mask",
     "motion_blur",
     "motion_kernel",
-    "paper_gaussian_matrices",
+    "paper_channel_scales",
     "paper_gaussian_matrix",
+    "paper_gaussian_svd",
     "paper_gaussian_taps",
     "random_mask",
     "validate_kernel",

@@ -1,4 +1,4 @@
-"""Oracles for checking operators: dense matrices and the adjointness gap (used by the tests)."""
+"""Oracles for checking operators: dense matrices, the adjointness gap, a smooth test image."""
 
 from __future__ import annotations
 
@@ -45,3 +45,16 @@ def adjoint_gap(op: LinearOperator, x: Tensor, y: Tensor) -> float:
     norm = torch.linalg.vector_norm
     scale = max(float(norm(ax) * norm(y)), float(norm(x) * norm(aty)))
     return 0.0 if scale == 0 else float((lhs - rhs).abs()) / scale
+
+
+def smooth_image(channels: int, height: int, width: int) -> Tensor:
+    """A smooth test image ``(1, channels, height, width)`` (float64, in [-0.8, 0.8]) with no fine detail.
+
+    Channel c is ``0.8 cos(pi (c + 1) u / 3) cos(pi (c + 1) v / 2)`` for ``u, v`` spanning [-1, 1] down the
+    rows and across the columns: a few low frequencies, different in every channel.
+    """
+    rows = torch.linspace(-1, 1, height, dtype=torch.float64)
+    cols = torch.linspace(-1, 1, width, dtype=torch.float64)
+    planes = [torch.outer(torch.cos(math.pi * (c + 1) * rows / 3), torch.cos(math.pi * (c + 1) * cols / 2))
+              for c in range(channels)]
+    return 0.8 * torch.stack(planes)[None]

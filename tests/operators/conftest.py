@@ -87,8 +87,9 @@ CATALOGUE: dict[str, Case] = {
         False,
         False,
     ),
-    "paper_gauss": Case(PaperGaussianBlur, ((2, 3, 7, 9), (1, 1, 12, 5)), (1, 1, 6, 7), True),
-    "paper_gauss_k7": Case(lambda: PaperGaussianBlur(7, 1.0), ((2, 3, 7, 9),), (1, 1, 6, 7), True),
+    "paper_gauss": Case(PaperGaussianBlur, ((2, 3, 7, 9), (1, 1, 12, 5)), (1, 3, 6, 7), True),
+    "paper_gauss_k7": Case(lambda: PaperGaussianBlur(7, 1.0), ((2, 3, 7, 9), (1, 4, 6, 6)), (1, 3, 6, 7), True),
+    "paper_gauss_grey": Case(lambda: PaperGaussianBlur(7, 1.0), ((2, 1, 8, 5),), (1, 1, 6, 7), True),
     "inpaint_box": Case(
         lambda: Inpainting(box_mask(7, 9, 2, 3, 3, 4)), ((2, 3, 7, 9), (1, 1, 7, 9)), (1, 2, 7, 9), True
     ),

@@ -11,8 +11,8 @@ from flowdps.operators import (
     BicubicSR,
     PaperGaussianBlur,
     gaussian_blur,
-    paper_gaussian_matrices,
     paper_gaussian_matrix,
+    paper_gaussian_svd,
     paper_gaussian_taps,
 )
 
@@ -130,8 +130,8 @@ def test_paper_matrix_definition_and_shift():
     assert torch.equal(matrix[10:60].argmax(dim=1), torch.arange(11, 61))
 
 
-def test_paper_untruncated_is_centred_gaussian_shifted_by_one():
-    """Without truncation the operator is a zero-boundary Gaussian blur shifted by one pixel (flowdps.md §3)."""
+def test_paper_untruncated_grey_is_centred_gaussian_shifted_by_one():
+    """Untruncated and on one channel the operator is a zero-boundary Gaussian blur shifted by one pixel."""
     x = torch.rand(1, 1, 40, 40, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     ours = PaperGaussianBlur(threshold=0.0).forward(x)
     d = torch.arange(-30, 31, dtype=torch.float64)
@@ -143,20 +143,21 @@ def test_paper_untruncated_is_centred_gaussian_shifted_by_one():
 
 
 def test_paper_truncation_count_at_768():
-    """1-D singular values < 0.03 are zeroed: 552 of 768 at 768 px (flowdps.md §3)."""
-    truncated, _, singular_values = paper_gaussian_matrices(768)
+    """1-D singular values < 0.03 are zeroed: 552 of 768 at 768 px."""
+    u, singular_values, v = paper_gaussian_svd(768)
     exact = torch.linalg.svdvals(paper_gaussian_matrix(768))
     assert int((exact < PAPER_SVD_THRESHOLD).sum()) == 552
     assert int((singular_values == 0).sum()) == 552
+    truncated = (u * singular_values) @ v.T
     assert torch.linalg.matrix_rank(truncated) == 768 - 552
     kept = exact[exact >= PAPER_SVD_THRESHOLD]
     torch.testing.assert_close(torch.linalg.svdvals(truncated)[: kept.numel()], kept)
+    torch.testing.assert_close(singular_values[: kept.numel()], kept)
 
 
-def test_paper_operator_uses_truncated_kronecker_product():
-    x = torch.rand(2, 3, 12, 9, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    rows, _, _ = paper_gaussian_matrices(12)
-    cols, _, _ = paper_gaussian_matrices(9)
-    torch.testing.assert_close(PaperGaussianBlur().forward(x), rows @ x @ cols.T)
-    assert int((paper_gaussian_matrices(12)[2] == 0).sum()) > 0  # the truncation bites even at 12 px
-    assert not torch.allclose(PaperGaussianBlur().forward(x), PaperGaussianBlur(threshold=0.0).forward(x))
+def test_paper_svd_factors_reconstruct_the_matrix():
+    """``paper_gaussian_svd`` returns U, the truncated values and V (not V^T) of the official 1-D matrix."""
+    u, s, v = paper_gaussian_svd(12, threshold=0.0)
+    torch.testing.assert_close((u * s) @ v.T, paper_gaussian_matrix(12), rtol=0, atol=1e-14)
+    _, truncated, _ = paper_gaussian_svd(12)
+    assert int((truncated == 0).sum()) > 0  # the truncation bites even at 12 px
