@@ -152,9 +152,14 @@ class PaperGaussianBlurOperator(io.ComfyNode):
             node_id="FlowDPSOperatorPaperGaussianBlur",
             display_name="Gaussian blur operator (paper-compatible)",
             category=CATEGORY_OPERATORS,
-            description="The official FlowDPS deblur_gauss operator, only to reproduce the paper's numbers: "
-                        "off-centre taps (a one-pixel shift), zero boundary, 1-D singular values below 0.03 "
-                        "set to zero. For real photos use the Gaussian blur operator.",
+            description="Reproduces what the official FlowDPS code computes for its Gaussian deblurring task "
+                        "(deblur_gauss), mistakes included; it exists only to reproduce the paper's "
+                        "Gaussian-deblurring numbers. It is not a true Gaussian blur: off-centre taps (a "
+                        "one-pixel shift), zero boundary, 1-D singular values below 0.03 set to zero, and each "
+                        "colour channel blurred with its own, mismatched spectrum (at the paper's settings two "
+                        "thirds of the blur's spectrum are dropped and as many fine-detail components, which a "
+                        "blur removes, are let through; only a grey image gets the plain truncated blur). For "
+                        "restoring photos use the exact Gaussian blur operator (recommended).",
             inputs=[
                 io.Int.Input("kernel_size", default=PAPER_GAUSSIAN_KERNEL_SIZE, min=1, max=255, step=2,
                              tooltip=KERNEL_SIZE_TOOLTIP),
