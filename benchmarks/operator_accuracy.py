@@ -53,6 +53,15 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b))
 
 
+def write_result(name: str, lines: list[str]) -> None:
+    """Print the report ``lines`` and write them to ``benchmarks/results/<name>.md``."""
+    text = "\n".join(lines) + "\n"
+    print(text)
+    out = ROOT / "benchmarks" / "results" / f"{name}.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+
+
 def measure(op, shape, dtype) -> dict:
     """Adjoint gap |<Ax, y> - <x, A^T y>| / (|Ax| |y|) and ||A A^+ A x - A x|| / ||A x|| for one operator."""
     g = torch.Generator().manual_seed(1)
@@ -113,11 +122,7 @@ def main() -> None:
                      f"{f64['AA+A']:.1e} |")
     lines += ["", "| equivalence (float64, x in [-1, 1], 1 x 3 x H x W) | max abs difference |", "|---|---|"]
     lines += [f"| {name} | {value:.1e} |" for name, value in equivalences(ops, height, width).items()]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    out = ROOT / "benchmarks" / "results" / "operator_accuracy.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
+    write_result("operator_accuracy", lines)
 
 
 if __name__ == "__main__":
