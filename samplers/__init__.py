@@ -36,7 +36,6 @@ from .flow import (
     x0_from_velocity,
 )
 from .flowdps import (
-    DEFAULT_SEED,
     FlowChefConfig,
     FlowDPSConfig,
     NonFiniteError,
@@ -48,7 +47,7 @@ from .flowdps import (
     sample_flow_posterior,
 )
 from .psld import PSLDConfig, PSLDTerms, psld_data_term, psld_objective
-from .schedules import Schedule
+from .schedules import FLOWDPS_SHIFT, Schedule, flowdps_sigmas
 from .smc import (
     effective_sample_size,
     multinomial_resample,
@@ -61,7 +60,7 @@ from .smc import (
 from .types import DataLoss, Denoiser, StepInfo
 
 __all__ = [
-    "DEFAULT_SEED",
+    "FLOWDPS_SHIFT",
     "AFDPSConfig",
     "AFDPSResult",
     "AFDPSStepInfo",
@@ -79,6 +78,7 @@ __all__ = [
     "data_consistency",
     "data_gradient",
     "effective_sample_size",
+    "flowdps_sigmas",
     "fresh_noise",
     "image_loss",
     "interpolate",

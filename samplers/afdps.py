@@ -69,6 +69,7 @@ forward + VJPs, ``chunk_size`` particles at a time (the VJP is the memory hog at
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Callable
@@ -79,7 +80,8 @@ import torch
 from torch import Tensor
 
 from .flow import noise_from_x0
-from .flowdps import DEFAULT_SEED, NonFiniteError, check_sigmas, fresh_noise
+from .flowdps import NonFiniteError, check_sigmas, fresh_noise
+from .rng import generator_or_default
 from .smc import (
     RESAMPLING_SCHEMES,
     effective_sample_size,
@@ -552,8 +554,9 @@ def estimate_gamma2(forward: TensorMap, shape: tuple[int, ...], *, n_probes: int
 
 # --- the sampler -----------------------------------------------------------------------------------------
 
-def sample_afdps(denoise: Denoiser, z: Tensor, sigmas: Tensor, *, forward: TensorMap, y: Tensor,
-                 sigma_y: float, decode: TensorMap | None = None, config: AFDPSConfig | None = None,
+def sample_afdps(denoise: Denoiser, z: Tensor, sigmas: Tensor, *, forward: TensorMap | None = None,
+                 y: Tensor | None = None, sigma_y: float | None = None, decode: TensorMap | None = None,
+                 config: AFDPSConfig | None = None,
                  generator: torch.Generator | None = None,
                  callback: Callable[[AFDPSStepInfo], None] | None = None) -> AFDPSResult:
     """AFDPS-SDE (module docstring): ``P`` weighted particles targeting ``p(z0 | y)``.
@@ -566,11 +569,13 @@ def sample_afdps(denoise: Denoiser, z: Tensor, sigmas: Tensor, *, forward: Tenso
         forward: the linear degradation ``A``: (B, ...) images -> (B, ...) measurements, differentiable.
         y: one measurement ``(1, ...)`` matching ``A``'s output for one image; copied once.
         sigma_y: measurement noise std on ``y``'s scale (> 0): ``y = A(D(z0)) + N(0, sigma_y^2 I)``.
+            ``forward``, ``y`` and ``sigma_y`` go together: all three, or none of them to sample the prior
+            (the run then uses the ``"none"`` potential whatever ``config.potential`` says).
         decode: differentiable latent -> image map (any tensors it saves must be ordinary, non-inference
             tensors, see style.md §3.3.6), or ``None`` for pixel space.
         config: :class:`AFDPSConfig` (default: the recommended configuration).
         generator: source of all randomness (move noise, resampling, the final draw) on ``z``'s device;
-            ``None`` is a new generator seeded :data:`~.flowdps.DEFAULT_SEED`, never the global RNG.
+            ``None`` takes one seed from torch's global RNG (:mod:`~.rng`), as ``torch.randn`` would.
         callback: called once per step after the weight update and resampling, with an
             :class:`AFDPSStepInfo`; ComfyUI's callback may raise to interrupt.
 
@@ -583,19 +588,26 @@ def sample_afdps(denoise: Denoiser, z: Tensor, sigmas: Tensor, *, forward: Tenso
     if levels[-1] != 0.0:
         raise ValueError(f"AFDPS needs sigmas ending at 0 (the posterior is the target at s = 0), "
                          f"got last sigma {levels[-1]:.6g}")
-    if not (math.isfinite(sigma_y) and sigma_y > 0):
+    given = {"forward": forward is not None, "y": y is not None, "sigma_y": sigma_y is not None}
+    if not any(given.values()):                     # no measurement: the prior
+        config = dataclasses.replace(config, potential="none")
+    elif not all(given.values()):
+        missing = ", ".join(name for name, ok in given.items() if not ok)
+        raise ValueError(f"forward, y and sigma_y go together (a measurement), or none of them (prior "
+                         f"sampling); missing: {missing}")
+    elif not (math.isfinite(sigma_y) and sigma_y > 0):
         raise ValueError(f"sigma_y must be > 0, got {sigma_y!r}")
     if config.weights == "W1" and decode is not None:
         raise ValueError("W1 weights need the Laplacian of mu, which a decoder does not give: they are for "
                          "pixel space (decode=None); use W2 for latents")
-    if generator is None:
-        generator = torch.Generator(device=z.device).manual_seed(DEFAULT_SEED)
+    generator = generator_or_default(generator, z.device)
     n_steps, n_particles = len(levels) - 1, z.shape[0]
     work = torch.promote_types(z.dtype, torch.float32)
-    if y.ndim < 1 or y.shape[0] != 1:
-        raise ValueError(f"y must be one measurement with a batch dimension of 1, got shape {tuple(y.shape)}")
-    with torch.inference_mode(False), torch.no_grad():
-        y = y.detach().clone()
+    if y is not None:
+        if y.ndim < 1 or y.shape[0] != 1:
+            raise ValueError(f"y must be one measurement with a batch dimension of 1, got shape {tuple(y.shape)}")
+        with torch.inference_mode(False), torch.no_grad():
+            y = y.detach().clone()
 
     def decoded(u: Tensor) -> Tensor:
         return u if decode is None else decode(u)

@@ -35,11 +35,11 @@ import torch
 from torch import Tensor
 
 from .flow import noise_from_x0
+from .rng import generator_or_default
 from .schedules import Schedule, check_range, resolve
 from .types import DataLoss, Denoiser, StepInfo
 
 __all__ = [
-    "DEFAULT_SEED",
     "FlowChefConfig",
     "FlowDPSConfig",
     "NonFiniteError",
@@ -50,10 +50,6 @@ __all__ = [
     "fresh_noise",
     "sample_flow_posterior",
 ]
-
-DEFAULT_SEED = 0
-"""Seed of the fresh-noise generator when ``sample_flow_posterior`` gets ``generator=None``."""
-
 
 def _grad_dtype(dtype: torch.dtype) -> torch.dtype:
     """float32 for half/bfloat16/float32 inputs; float64 stays float64."""
@@ -268,8 +264,9 @@ def sample_flow_posterior(denoise: Denoiser, z: Tensor, sigmas: Tensor, data_los
         config: :class:`FlowDPSConfig`, :class:`FlowChefConfig`, :class:`~.psld.PSLDConfig` (any object
             with the :class:`PosteriorUpdate` method).
         generator: source of FlowDPS's fresh noise, a ``torch.Generator`` on ``z``'s device (ComfyUI:
-            ``torch.Generator(device=z.device).manual_seed(extra_args["seed"])``). ``None`` means a new
-            generator seeded with :data:`DEFAULT_SEED`, never the global RNG. FlowChef draws nothing.
+            the bridge derives one from the node's seed). ``None`` takes one seed from torch's global RNG
+            (:mod:`~.rng`): ``torch.manual_seed`` reproduces the run and two calls give two different
+            draws, as with ``torch.randn``. FlowChef and PSLD draw nothing.
         callback: called once per step, after the update, with the k-diffusion payload
             ``{"x": z before the step (at sigma), "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i],
             "denoised": data-consistent x0 estimate}``. ComfyUI's callback may raise to interrupt.
@@ -279,8 +276,7 @@ def sample_flow_posterior(denoise: Denoiser, z: Tensor, sigmas: Tensor, data_los
     """
     levels = check_sigmas(sigmas)
     n_steps = len(levels) - 1
-    if generator is None:
-        generator = torch.Generator(device=z.device).manual_seed(DEFAULT_SEED)
+    generator = generator_or_default(generator, z.device)
     batch = z.shape[0]
     needs_graph = getattr(config, "needs_denoiser_graph", None)
     for i in range(n_steps):

@@ -13,7 +13,39 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-__all__ = ["Schedule", "resolve"]
+import torch
+from torch import Tensor
+
+__all__ = ["FLOWDPS_SHIFT", "FLOWDPS_T_END", "Schedule", "flowdps_sigmas", "flowdps_times", "resolve"]
+
+FLOWDPS_SHIFT = 4.0
+"""The official FlowDPS shift (SD3's own scheduler default is 3)."""
+
+FLOWDPS_T_END = 3.0 * 0.001 / (1.0 + 2.0 * 0.001)
+"""Last un-shifted time of the official grid (about 0.002994): the SD3 flow-matching scheduler spaces its
+timesteps linearly from 1000 down to its smallest training level, the first of 1000 levels, 1/1000, shifted by
+the checkpoint's configured shift 3 (``3 t / (1 + 2 t)``). The FlowDPS shift of 4 is applied afterwards, to
+the whole grid."""
+
+
+def flowdps_times(n_steps: int) -> Tensor:
+    """The official grid's ``n_steps`` un-shifted times ``t``: linear from 1 to :data:`FLOWDPS_T_END` (float64)."""
+    if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {n_steps!r}")
+    return torch.linspace(1.0, FLOWDPS_T_END, n_steps, dtype=torch.float64)
+
+
+def flowdps_sigmas(n_steps: int, shift: float = FLOWDPS_SHIFT, *, dtype: torch.dtype = torch.float64) -> Tensor:
+    """The official FlowDPS noise levels for ``n_steps`` model calls: ``(n_steps + 1,)`` from 1 down to 0.
+
+    ``s = shift t / (1 + (shift - 1) t)`` on :func:`flowdps_times`, then a final 0. At 28 steps and shift 4 the
+    last non-zero level is 0.01187 (ComfyUI's ``simple`` scheduler stops at 0.130, ``normal`` at 0.00399).
+    """
+    if not (math.isfinite(shift) and shift > 0):
+        raise ValueError(f"shift must be > 0, got {shift!r}")
+    t = flowdps_times(n_steps)
+    s = shift * t / (1.0 + (shift - 1.0) * t)
+    return torch.cat([s, s.new_zeros(1)]).to(dtype)
 
 
 @dataclass(frozen=True)

@@ -120,13 +120,16 @@ class GaussianMixture:
         return GaussianMixture(torch.softmax(logw, dim=0), means, covs)
 
 
-def shifted_sigmas(n_steps: int, shift: float = 4.0) -> Tensor:
-    """SD3 / diffusers flow grid: ``t`` uniform from 1 to 0, ``s = shift t / (1 + (shift - 1) t)``.
+def shifted_sigmas(n_steps: int, shift: float = 4.0, *, dtype: torch.dtype = torch.float64) -> Tensor:
+    """A shifted flow grid: ``t`` uniform from 1 to 0, ``s = shift t / (1 + (shift - 1) t)``.
 
-    Returns (n_steps + 1,) float32 from 1 down to 0 (shift > 1 makes it dense near s = 1; the paper uses 4).
+    Returns (n_steps + 1,) ``dtype`` (default float64, exact for float64 runs; the samplers read the levels as
+    Python floats, so float32 runs can use it too) from 1 down to 0; shift > 1 makes it dense near s = 1.
+    It ends with a step from ``s = shift / (n_steps + shift - 1)`` straight to 0, unlike the official FlowDPS
+    grid, which stops ``t`` at about 0.003 first (``flowdps_sigmas``).
     """
     t = torch.linspace(1.0, 0.0, n_steps + 1, dtype=torch.float64)
-    return (shift * t / (1 + (shift - 1) * t)).to(torch.float32)
+    return (shift * t / (1 + (shift - 1) * t)).to(dtype)
 
 
 def moment_errors(samples: Tensor, mean: Tensor, cov: Tensor) -> tuple[float, float]:

@@ -11,6 +11,9 @@ from flowdps_dev import graphs
 
 pytestmark = pytest.mark.comfy
 
+F32_GRADIENT_REL_L2 = 1e-4
+"""Bound on ||g32 - g64|| / ||g64|| for the float32 decoder gradient (see the test for where it comes from)."""
+
 
 def _decoder_gradient_probe():
     """A test-only V1 node: runs the pack's GradDecoder on the VAE it receives and reports the check."""
@@ -61,6 +64,8 @@ def _decoder_gradient_probe():
                 z32 = clone_for_grad(z_inf).requires_grad_()
                 (grad32,) = torch.autograd.grad((dec32(z32) * w.float()).sum(), z32)
                 report["ad32"] = float((grad32.double() * direction).sum())
+                report["grad32_rel_l2"] = float((grad32.double() - grad).norm() / grad.norm())
+                report["direction_norm"] = float(direction.norm())
                 report["dtype32"] = str(dec32(z32).dtype)
             report["params_are_inference"] = any(p.is_inference() for p in dec.module.parameters())
             return (report,)
@@ -99,4 +104,15 @@ def test_private_decoder_gradient_matches_finite_differences(comfy, probe_node, 
     assert report["grad_norm"] > 0
     assert report["ad"] == pytest.approx(report["fd"], rel=1e-6, abs=1e-9)
     assert report["dtype32"] == "torch.float32"
-    assert report["ad32"] == pytest.approx(report["ad"], rel=1e-4)
+    # The float32 copy against the float64 reference, judged on the whole gradient (norm-relative), not on
+    # one directional derivative: a random direction's product can cancel, so its relative error is not
+    # bounded by the gradient's (measured: whole gradient 3e-6, this directional derivative 2e-4 to 7e-4,
+    # which is what failed the old 1e-4 test on another CPU). Rounding grows with depth and fan-in: about
+    # u sqrt(fan-in) per layer (u = 6e-8, fan-in up to 3x3x512: 4e-6), over some 20 layers and their
+    # gradients: 2e-5 if independent. Measured with the CPU kernel families torch can be forced to (AVX-512 / AVX2 /
+    # scalar ATen kernels, MKL's compatible and AVX2 paths, oneDNN down to SSE4.1, 1-2 threads): at most
+    # 4.2e-7 (tiny decoder) and 9.4e-6 (full decoder, scalar kernels); the bound keeps 10x margin over that.
+    # The directional derivative then errs by at most the bound times ||grad|| ||direction|| (Cauchy-Schwarz).
+    assert report["grad32_rel_l2"] <= F32_GRADIENT_REL_L2
+    assert abs(report["ad32"] - report["ad"]) <= (F32_GRADIENT_REL_L2 * report["grad_norm"]
+                                                  * report["direction_norm"])

@@ -228,13 +228,40 @@ def test_reproducible_and_dtype():
     torch.testing.assert_close(f32.log_weights, f64.log_weights, atol=1e-3, rtol=0)
 
 
-def test_default_generator_and_config():
+def test_default_generator_follows_the_global_rng_and_default_config():
     g = torch.Generator().manual_seed(0)
     z = torch.randn(8, 3, generator=g, dtype=torch.float64)
     kwargs = {"forward": forward, "y": Y, "sigma_y": 0.3}
+    torch.manual_seed(99)
     a = sample_afdps(PRIOR.denoise, z, shifted_sigmas(4, 3.0), **kwargs)
     b = sample_afdps(PRIOR.denoise, z, shifted_sigmas(4, 3.0), **kwargs)
-    assert torch.equal(a.particles, b.particles)
+    torch.manual_seed(99)
+    c = sample_afdps(PRIOR.denoise, z, shifted_sigmas(4, 3.0), **kwargs)
+    assert not torch.equal(a.particles, b.particles)
+    assert torch.equal(a.particles, c.particles)
+    explicit = sample_afdps(PRIOR.denoise, z, shifted_sigmas(4, 3.0), config=AFDPSConfig(),
+                            generator=torch.Generator().manual_seed(3), **kwargs)
+    again = sample_afdps(PRIOR.denoise, z, shifted_sigmas(4, 3.0), generator=torch.Generator().manual_seed(3),
+                         **kwargs)
+    assert torch.equal(explicit.particles, again.particles)
+
+
+def test_prior_sampling_needs_no_measurement():
+    """Without forward, y and sigma_y the run samples the prior: the same run as the 'none' potential."""
+    z = torch.randn(8, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    sigmas = shifted_sigmas(4, 3.0)
+    prior = sample_afdps(PRIOR.denoise, z, sigmas, generator=torch.Generator().manual_seed(5))
+    none = sample_afdps(PRIOR.denoise, z, sigmas, forward=forward, y=Y, sigma_y=0.3,
+                        config=AFDPSConfig(potential="none"), generator=torch.Generator().manual_seed(5))
+    guided = sample_afdps(PRIOR.denoise, z, sigmas, forward=forward, y=Y, sigma_y=0.3,
+                          generator=torch.Generator().manual_seed(5))
+    assert torch.equal(prior.particles, none.particles)
+    assert torch.equal(prior.log_weights, none.log_weights)
+    assert not torch.equal(prior.particles, guided.particles)
+    with pytest.raises(ValueError, match="missing: y, sigma_y"):
+        sample_afdps(PRIOR.denoise, z, sigmas, forward=forward)
+    with pytest.raises(ValueError, match="missing: forward"):
+        sample_afdps(PRIOR.denoise, z, sigmas, y=Y, sigma_y=0.3)
 
 
 def test_chunking_does_not_change_the_result():

@@ -5,7 +5,8 @@ import dataclasses
 import pytest
 import torch
 from flowdps.samplers import FlowChefConfig, FlowDPSConfig, Schedule, check_sigmas, measurement_loss
-from flowdps.samplers.schedules import resolve
+from flowdps.samplers.schedules import FLOWDPS_T_END, flowdps_sigmas, resolve
+from flowdps.samplers.testing import shifted_sigmas
 
 
 def test_schedule_constant_and_linear():
@@ -81,3 +82,39 @@ def test_sigma_rounding_and_partial_schedules():
 def test_data_term_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
         measurement_loss(None, lambda x: x, torch.zeros(1, 3), **kwargs)
+
+
+@pytest.mark.parametrize("n_steps", [1, 8, 28])
+def test_flowdps_sigmas_match_the_diffusers_sd3_scheduler(n_steps):
+    """The official grid is diffusers' flow-matching Euler scheduler as configured for SD3 (shift 3, 1000
+    training levels) with the shift set to 4 before its timesteps are made, plus the final 0."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    scheduler.set_shift(4.0)
+    scheduler.set_timesteps(n_steps)
+    expected = scheduler.sigmas.double()
+    ours = flowdps_sigmas(n_steps)
+    assert ours.dtype == torch.float64
+    assert ours.shape == (n_steps + 1,)
+    torch.testing.assert_close(ours, expected, rtol=0, atol=1e-6)   # diffusers computes in float32
+    assert float(ours[0]) == 1.0
+    assert float(ours[-1]) == 0.0
+
+
+def test_flowdps_sigmas_end_where_the_paper_grid_ends():
+    s = flowdps_sigmas(28)
+    assert float(s[-2]) == pytest.approx(4 * FLOWDPS_T_END / (1 + 3 * FLOWDPS_T_END), rel=1e-12)
+    assert float(s[-2]) == pytest.approx(0.011869, abs=1e-6)
+    assert bool((s[1:] < s[:-1]).all())
+    assert flowdps_sigmas(8, dtype=torch.float32).dtype == torch.float32
+    with pytest.raises(ValueError, match="steps must be an integer >= 1, got 0"):
+        flowdps_sigmas(0)
+    with pytest.raises(ValueError, match="shift must be > 0"):
+        flowdps_sigmas(8, shift=0.0)
+
+
+def test_shifted_sigmas_dtype():
+    assert shifted_sigmas(4, 3.0).dtype == torch.float64
+    assert shifted_sigmas(4, 3.0, dtype=torch.float32).dtype == torch.float32
+    torch.testing.assert_close(shifted_sigmas(4, 3.0).float(), shifted_sigmas(4, 3.0, dtype=torch.float32))
