@@ -118,7 +118,8 @@ def evaluation_prompt(api: Mapping[str, dict], *, checkpoint: str, image_name: s
                 node["inputs"][key] = [SIMULATE_ID, 0]
     prompt[SIMULATE_ID] = {"class_type": SIMULATE_NODE,
                            "inputs": {"image": [load, 0], "operator": inputs["operator"],
-                                      "sigma_y": protocol.sigma_y, "seed": protocol.seed}}
+                                      "sigma_y": protocol.sigma_y, "seed": protocol.seed,
+                                      "clip": False}}   # y = A x + noise exactly, as the paper simulates it
     prompt[load]["inputs"]["image"] = image_name
     prompt[loader]["inputs"]["ckpt_name"] = checkpoint
     settings = {"seed": protocol.seed, "steps": protocol.steps, "cfg": protocol.cfg, "shift": protocol.shift,

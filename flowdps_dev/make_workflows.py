@@ -687,7 +687,7 @@ def flowdps_custom_sampler(serial: int) -> Workflow:
         task.operator,
         Node("guider", "CFGGuider", (860, 70), (360, 100), {"cfg": 2.0}),
         Node("sampler", "FlowDPSSampler", (860, 200), (360, 240)),
-        Node("scheduler", "BasicScheduler", (860, 470), (360, 110), {"scheduler": "simple", "steps": 28}),
+        Node("scheduler", "FlowDPSSigmas", (860, 470), (360, 80), {"steps": 28}),
         Node("noise", "RandomNoise", (860, 610), (360, 90), {"noise_seed": 0}),
         Node("latent", "EmptySD3LatentImage", (860, 730), (360, 110), {"width": 256, "height": 256},
              title="Image size (4x the measurement)"),
@@ -711,7 +711,7 @@ def flowdps_custom_sampler(serial: int) -> Workflow:
                 "decoded image does not match what the operator expects. Sides must be multiples of 16 px.",
             )),
             "**Graph.** Load Checkpoint -> ModelSamplingSD3 (shift 4) -> CFGGuider (CFG 2, the prompts) and "
-            "BasicScheduler (simple, 28 steps); RandomNoise; FlowDPS Sampler (VAE, operator, measurement) -> "
+            "FlowDPS sigmas (the official grid, 28 steps); RandomNoise; FlowDPS Sampler (VAE, operator, measurement) -> "
             "SamplerCustomAdvanced -> VAE Decode -> Save Image. *Pseudo-inverse preview* shows the naive upscale.",
             FLOWDPS_SETTINGS,
         ]),

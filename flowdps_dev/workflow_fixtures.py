@@ -153,7 +153,7 @@ def tiny_run_prompt(input_dir: str | Path, prompt: dict) -> dict:
         inputs, kind = node["inputs"], node["class_type"]
         if kind in BLUR_OPERATORS:
             inputs["kernel_size"] = SMALL_KERNEL
-        if kind in ("FlowDPSRestore", "AFDPSRestore", "BasicScheduler"):
+        if kind in ("FlowDPSRestore", "AFDPSRestore", "BasicScheduler", "FlowDPSSigmas"):
             inputs["steps"] = 1
         if kind in ("AFDPSRestore", "AFDPSSampler"):
             inputs["particles"] = PARTICLES

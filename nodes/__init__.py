@@ -13,7 +13,7 @@ from .info import FlowDPSInfo
 from .measurement_nodes import MEASUREMENT_NODES
 from .operator_nodes import OPERATOR_NODES
 from .restore_node import FlowDPSRestore
-from .sampler_nodes import FlowChefSampler, FlowDPSSampler, PSLDSampler
+from .sampler_nodes import FlowChefSampler, FlowDPSSampler, FlowDPSSigmas, PSLDSampler
 
 
 class FlowDPSExtension(ComfyExtension):
@@ -21,7 +21,7 @@ class FlowDPSExtension(ComfyExtension):
 
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         return [FlowDPSInfo, *OPERATOR_NODES, *MEASUREMENT_NODES, FlowDPSSampler, FlowChefSampler, PSLDSampler,
-                FlowDPSRestore, AFDPSSampler, AFDPSRestore]
+                FlowDPSSigmas, FlowDPSRestore, AFDPSSampler, AFDPSRestore]
 
 
 __all__ = ["FlowDPSExtension"]

@@ -43,7 +43,17 @@ from .model_family import (
 )
 from .restore_node import fit_measurement
 from .sampler_nodes import make_problem
-from .sampling import RestorationProblem, check_flow_model, check_problem_fits, make_room_for_decoder
+from .sampling import (
+    FLOWDPS_SCHEDULER,
+    SCHEDULERS,
+    RestorationProblem,
+    check_flow_model,
+    check_problem_fits,
+    make_room_for_decoder,
+    restore_sigmas,
+    sampler_seed,
+    scheduler_input,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -54,8 +64,6 @@ VARIANT_TOOLTIP = ("sde: guided Euler-Maruyama moves with exact (W2) weights and
                    "potential (afdps.md §2.5-2.6): exact gradient from the decoder alone, 2 model calls a step, more "
                    "weight variance.")
 DEFAULTS = AFDPSConfig()
-SEED_MODULUS = 2**64
-SEED_STRIDE = 0x9E3779B97F4A7C15  # odd 64-bit constant: distinct, well-spread seeds per batch item
 MAX_WEIGHTS_SHOWN = 16  # final weights listed in the report / log line
 
 SIGMA_Y_TOOLTIP = ("Measurement noise std on the [0, 1] image scale (the likelihood's sigma_y; converted x2 to the "
@@ -125,7 +133,7 @@ def make_afdps_problem(vae, operator, measurement, sigma_y: float) -> Restoratio
 def particle_seed(seed: int, item: int) -> int:
     """Seed of batch item ``item``'s particle generator: never ``seed`` itself, whose stream (on CPU) is the
     NOISE input's (``prepare_noise``), so that particle 1 never starts from particle 0's noise."""
-    return (int(seed) + (item + 1) * SEED_STRIDE) % SEED_MODULUS
+    return sampler_seed(seed, item)
 
 
 class AFDPSEnsembleSampler(comfy.samplers.Sampler):
@@ -340,6 +348,7 @@ class AFDPSRestore(io.ComfyNode):
                              tooltip="Seed of the particles' noise, the SDE noise and the resampling."),
                 *ensemble_inputs(),
                 *late_inputs(variant=True),
+                scheduler_input(),
             ],
             outputs=[
                 io.Image.Output(display_name="best", tooltip="The highest-weight particle, decoded."),
@@ -358,7 +367,10 @@ class AFDPSRestore(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, positive, negative, vae, measurement, operator, particles, steps, cfg, shift, seed,
-                eta, kappa, ess_threshold, chunk_size, sigma_y, variant="sde", kappa_clip=KAPPA_CLIP) -> io.NodeOutput:
+                eta, kappa, ess_threshold, chunk_size, sigma_y, variant="sde", kappa_clip=KAPPA_CLIP,
+                scheduler=FLOWDPS_SCHEDULER) -> io.NodeOutput:
+        if scheduler not in SCHEDULERS:
+            raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {scheduler!r}")
         check_model_and_vae(model, vae, "AFDPS Restore")
         config = make_config(eta, kappa, ess_threshold, chunk_size, variant=variant, kappa_clip=kappa_clip)
         problem = make_afdps_problem(vae, operator, measurement, sigma_y)
@@ -374,7 +386,7 @@ class AFDPSRestore(io.ComfyNode):
         check_problem_fits(problem, latent.shape)
         sampler = AFDPSEnsembleSampler(problem, config, int(particles), "best", keep_results=True)
         noise = comfy.sample.prepare_noise(latent, seed)
-        sigmas = comfy.samplers.calculate_sigmas(patched.get_model_object("model_sampling"), "simple", steps)
+        sigmas = restore_sigmas(patched.get_model_object("model_sampling"), scheduler, steps)
         guider = comfy.samplers.CFGGuider(patched)
         guider.set_conds(positive, negative)
         guider.set_cfg(settings.cfg)

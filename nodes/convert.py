@@ -38,13 +38,18 @@ def image_to_pixels(image: torch.Tensor, *, name: str = "image") -> torch.Tensor
     return image.movedim(-1, 1).float() * 2.0 - 1.0
 
 
-def pixels_to_image(x: torch.Tensor) -> torch.Tensor:
-    """``(B, C, H, W)`` in [-1, 1] -> ComfyUI IMAGE ``(B, H, W, 3)`` in [0, 1] on CPU (clamped; grey -> RGB)."""
+def pixels_to_image(x: torch.Tensor, *, clamp: bool = True) -> torch.Tensor:
+    """``(B, C, H, W)`` in [-1, 1] -> ComfyUI IMAGE ``(B, H, W, 3)`` in [0, 1] on CPU (grey -> RGB).
+
+    Clamped to [0, 1] unless ``clamp=False``: then values outside stay (ComfyUI's image nodes clip only when
+    they save or preview), which keeps e.g. the Gaussian noise of a simulated measurement exact.
+    """
     if x.ndim != 4:
         raise ValueError(f"expected (B, C, H, W) pixels, got {tuple(x.shape)}")
     if x.shape[1] == 1:
         x = x.expand(-1, 3, -1, -1)
-    return ((x.float() + 1.0) / 2.0).clamp(0.0, 1.0).movedim(1, -1).cpu().contiguous()
+    image = (x.float() + 1.0) / 2.0
+    return (image.clamp(0.0, 1.0) if clamp else image).movedim(1, -1).cpu().contiguous()
 
 
 def mask_to_batch(mask: torch.Tensor, *, name: str = "mask") -> torch.Tensor:

@@ -117,6 +117,12 @@ class GradEncoder:
     Calling it maps an image ``x: (B, 3, H, W)`` in [-1, 1] (unclamped) to the latent ``(B, C, H/8, W/8)``
     the VAE's own ``encode`` gives (its mean for a KL autoencoder, as ComfyUI's VAEEncode), in model space.
     Call it inside :func:`grad_enabled`. The decoder is not copied.
+
+    The official PSLD code instead draws a sample of the encoder's posterior (mean plus its std times fresh
+    noise) at every step. We keep the mean on purpose: the gluing term is then a deterministic function of
+    the latent (PSLD stays a deterministic sampler, so a seed reproduces it and its gradient is not noisy). The
+    two gluing targets differ by the encoder's posterior noise, which the random test VAEs cannot measure for
+    real SD3 weights.
     """
 
     def __init__(self, vae, process_in: Callable[[torch.Tensor], torch.Tensor] | None = None, *,

@@ -31,23 +31,28 @@ class SimulateMeasurement(io.ComfyNode):
                                tooltip="Noise standard deviation on the [0, 1] image scale (paper: 0.015, i.e. "
                                        "0.03 on the [-1, 1] scale)."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, tooltip="Seed of the noise."),
+                io.Boolean.Input("clip", default=True, optional=True,
+                                 tooltip="Clip the measurement to the image range [0, 1] (on: what a saved photo "
+                                         "would hold). Off: y = A x + noise exactly, values outside [0, 1] kept, "
+                                         "as the paper's simulation (and the evaluation runner) uses; the "
+                                         "restore nodes take it as it is, while saving or previewing clips it."),
             ],
             outputs=[
                 io.Image.Output(display_name="measurement",
-                                tooltip="The degraded image (values clipped to [0, 1] for display and saving)."),
+                                tooltip="The degraded image (clipped to [0, 1] unless 'clip' is off)."),
                 io.Mask.Output(display_name="mask", tooltip="1 where the measurement carries no information (the "
                                                             "holes of an inpainting operator), else 0."),
             ],
         )
 
     @classmethod
-    def execute(cls, image, operator, sigma_y, seed) -> io.NodeOutput:
+    def execute(cls, image, operator, sigma_y, seed, clip=True) -> io.NodeOutput:
         x = image_to_pixels(image, name="image")
         operator.output_shape(x.shape)  # checks the size rules (factor, kernel, mask) before any work
         noise = GaussianNoise(sigma_y)  # checks sigma_y
         y = operator.forward(x.to(mm.get_torch_device())).cpu()
         y = noise.apply(y, torch.Generator().manual_seed(seed))  # CPU noise: the same seed on every machine
-        return io.NodeOutput(pixels_to_image(y), unknown_mask(operator, tuple(x.shape)))
+        return io.NodeOutput(pixels_to_image(y, clamp=bool(clip)), unknown_mask(operator, tuple(x.shape)))
 
 
 class PseudoInversePreview(io.ComfyNode):

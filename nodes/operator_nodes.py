@@ -29,9 +29,9 @@ from ..operators import (
     Inpainting,
     PaperGaussianBlur,
     box_mask,
-    gaussian_kernel,
+    gaussian_blur,
     keep_mask_from_comfy_mask,
-    motion_kernel,
+    motion_blur,
     random_mask,
     validate_kernel,
 )
@@ -43,6 +43,7 @@ BOUNDARY_TOOLTIP = ("What lies outside the image: 'reflect' mirrors it at the ed
 KERNEL_SIZE_TOOLTIP = "Kernel size in pixels (odd, so the kernel has a centre; paper: 61). Must not exceed the image."
 GREY_WEIGHTS = {"mean": MEAN_WEIGHTS, "bt601": BT601_WEIGHTS}
 BOX_DEFAULT_SIZE = 768  # the paper's image size (SD3 at 768 x 768)
+KERNEL_CONVENTIONS = ("point-spread function", "correlation kernel")
 RANDOM_MISSING_RATIO = 0.7  # not from FlowDPS (its inpainting is not exposed); a common choice in the DPS family
 
 
@@ -142,7 +143,7 @@ class GaussianBlurOperator(io.ComfyNode):
 
     @classmethod
     def execute(cls, kernel_size, sigma, boundary) -> io.NodeOutput:
-        return io.NodeOutput(Blur(gaussian_kernel(_odd_kernel_size(kernel_size), sigma), boundary))
+        return io.NodeOutput(gaussian_blur(_odd_kernel_size(kernel_size), sigma, boundary))
 
 
 class PaperGaussianBlurOperator(io.ComfyNode):
@@ -182,7 +183,12 @@ class MotionBlurOperator(io.ComfyNode):
             display_name="Motion blur operator",
             category=CATEGORY_OPERATORS,
             description="Blur by a random camera-shake kernel (our own generator of the DPS/FlowDPS kind: size "
-                        "61, intensity 0.5 in the paper). The same seed gives the same kernel.",
+                        "61, intensity 0.5 in the paper). The same seed gives the same kernel. Applied as the "
+                        "official code applies its motion kernels: by correlation with the generated kernel, so "
+                        "the 'kernel' output (the point-spread function, which gives the same blur in 'Blur "
+                        "operator (custom kernel)') is the generated kernel turned by 180 degrees. With residual "
+                        "'auto' the samplers compare the photo with the blurred estimate directly, as the "
+                        "official code does for motion blur.",
             inputs=[
                 io.Int.Input("kernel_size", default=MOTION_KERNEL_SIZE, min=3, max=255, step=2,
                              tooltip=KERNEL_SIZE_TOOLTIP),
@@ -194,13 +200,15 @@ class MotionBlurOperator(io.ComfyNode):
                                tooltip=BOUNDARY_TOOLTIP),
             ],
             outputs=[_operator_output(),
-                     io.Image.Output(display_name="kernel", tooltip="The kernel, scaled to peak white.")],
+                     io.Image.Output(display_name="kernel",
+                                     tooltip="The point-spread function (the blur of a single bright pixel), "
+                                             "scaled to peak white.")],
         )
 
     @classmethod
     def execute(cls, kernel_size, intensity, seed, boundary) -> io.NodeOutput:
-        kernel = motion_kernel(_odd_kernel_size(kernel_size), intensity, torch.Generator().manual_seed(seed))
-        return io.NodeOutput(Blur(kernel, boundary), kernel_to_image(kernel))
+        blur = motion_blur(_odd_kernel_size(kernel_size), intensity, torch.Generator().manual_seed(seed), boundary)
+        return io.NodeOutput(blur, kernel_to_image(blur.kernel))
 
 
 class KernelBlurOperator(io.ComfyNode):
@@ -210,22 +218,36 @@ class KernelBlurOperator(io.ComfyNode):
             node_id="FlowDPSOperatorKernelBlur",
             display_name="Blur operator (custom kernel)",
             category=CATEGORY_OPERATORS,
-            description="Blur by your own kernel (point-spread function), given as an IMAGE (channels "
-                        "averaged, first image of a batch) or a MASK. Sizes must be odd; values must be >= 0; "
-                        "the kernel is normalised to sum 1.",
+            description="Blur by your own kernel, given as an IMAGE (channels averaged, first image of a batch) "
+                        "or a MASK. Sizes must be odd; values must be >= 0; the kernel is normalised to sum 1. "
+                        "With residual 'auto' the samplers compare the photo with the blurred estimate directly "
+                        "(the official code's choice for its kernel blurs).",
             inputs=[
                 io.Image.Input("kernel_image", optional=True, tooltip="The kernel as an image (e.g. LoadImage)."),
                 io.Mask.Input("kernel_mask", optional=True, tooltip="The kernel as a MASK."),
                 io.Combo.Input("boundary", options=["reflect", "circular", "zero"], default="reflect",
                                tooltip=BOUNDARY_TOOLTIP),
+                io.Combo.Input("kernel_is", options=list(KERNEL_CONVENTIONS), default=KERNEL_CONVENTIONS[0],
+                               optional=True,
+                               tooltip="How the kernel is applied. 'point-spread function': convolution, the "
+                                       "image of one bright pixel after blurring (what cameras and most tools "
+                                       "mean). 'correlation kernel': correlation, as the official FlowDPS and "
+                                       "DPS code apply their kernel files (the same blur turned by 180 "
+                                       "degrees)."),
             ],
             outputs=[_operator_output(),
-                     io.Image.Output(display_name="kernel", tooltip="The normalised kernel, scaled to peak white.")],
+                     io.Image.Output(display_name="kernel",
+                                     tooltip="The normalised point-spread function, scaled to peak white.")],
         )
 
     @classmethod
-    def execute(cls, boundary, kernel_image=None, kernel_mask=None) -> io.NodeOutput:
+    def execute(cls, boundary, kernel_image=None, kernel_mask=None,
+                kernel_is=KERNEL_CONVENTIONS[0]) -> io.NodeOutput:
+        if kernel_is not in KERNEL_CONVENTIONS:
+            raise ValueError(f"kernel_is must be one of {KERNEL_CONVENTIONS}, got {kernel_is!r}")
         kernel = kernel_from_inputs(kernel_image, kernel_mask)
+        if kernel_is == "correlation kernel":
+            kernel = kernel.flip(-2, -1)
         return io.NodeOutput(Blur(kernel, boundary), kernel_to_image(kernel))
 
 

@@ -8,8 +8,10 @@ guider (CFG included), and its gluing term needs a private copy of the VAE encod
 (:class:`~.decoder.GradEncoder`).
 
 Residual spaces: PSLD's measurement term is ``||A D(z0) - y||``, so ``residual="auto"`` means
-``"measurement"`` here; the gluing term's ``P`` is the pseudo-inverse for super-resolution and the adjoint
-otherwise (or the residual named explicitly, when it is "pinv" or "adjoint").
+``"measurement"`` here; the gluing term's ``P`` follows the operator's official choice
+(``operator.auto_residual``: the pseudo-inverse for super-resolution, the identity for motion and kernel blurs,
+whose official "adjoint" is the identity, the adjoint otherwise), or the residual named explicitly when it is
+"pinv" or "adjoint".
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import torch
 from ..samplers import PSLDConfig, psld_data_term, sample_flow_posterior
 from .decoder import GradDecoder, GradEncoder, clone_for_grad, module_bytes
 from .model_copy import GradDiffusionModel
-from .sampling import RestorationProblem, check_flow_model, check_problem_fits, is_super_resolution
+from .sampling import RestorationProblem, check_flow_model, check_problem_fits, sampler_generator
 
 logger = logging.getLogger(__name__)
 
@@ -38,10 +40,11 @@ def measurement_residual(problem: RestorationProblem) -> str:
 
 
 def gluing_projection(problem: RestorationProblem) -> str:
-    """``P`` of the gluing term: "pinv" or "adjoint" (the paper's choice by task unless named explicitly)."""
+    """``P`` of the gluing term: "pinv", "adjoint" or "measurement" (the identity), the official choice for the
+    operator unless "pinv" or "adjoint" is named explicitly."""
     if problem.residual in ("pinv", "adjoint"):
         return problem.residual
-    return "pinv" if is_super_resolution(problem.operator) else "adjoint"
+    return problem.operator.auto_residual
 
 
 def build_psld_term(problem: RestorationProblem, decoder: GradDecoder, encoder: GradEncoder,
@@ -50,9 +53,13 @@ def build_psld_term(problem: RestorationProblem, decoder: GradDecoder, encoder: 
     op = problem.operator.materialize(device=device, dtype=torch.float32)
     projections = {"pinv": op.pinv, "adjoint": op.adjoint, "measurement": None}
     return psld_data_term(decoder, encoder, op.forward, problem.measurement.to(device=device, dtype=torch.float32),
-                          project=projections[gluing_projection(problem)],
+                          project=projections[gluing_projection(problem)] or _identity,
                           measurement_project=projections[measurement_residual(problem)], norm=problem.norm,
                           sigma_y=problem.sigma_y)
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
 
 
 def make_room(nbytes: int, device: torch.device, patcher: Any) -> None:
@@ -104,8 +111,7 @@ def sample_psld(model, x, sigmas, extra_args=None, callback=None, disable=None, 
                          f"'inner_model': use CFGGuider, BasicGuider or another core guider")
     check_flow_model(base, problem.vae, "PSLD")
     check_problem_fits(problem, x.shape)
-    seed = int(extra_args.get("seed") or 0)
-    generator = torch.Generator(device=x.device).manual_seed(seed)
+    generator = sampler_generator(int(extra_args.get("seed") or 0), x.device)   # unused: PSLD draws nothing
     grad_args = dict(extra_args)
     if grad_args.get("denoise_mask") is not None:                 # multiplies the latent: must be ordinary
         grad_args["denoise_mask"] = clone_for_grad(grad_args["denoise_mask"])

@@ -34,7 +34,7 @@ from .sampler_nodes import (
     make_problem,
     step_schedule,
 )
-from .sampling import sample_posterior
+from .sampling import FLOWDPS_SCHEDULER, SCHEDULERS, restore_sigmas, sample_posterior, scheduler_input
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +117,7 @@ class FlowDPSRestore(io.ComfyNode):
                 io.Float.Input("step_size_end", default=-1.0, min=-1.0, max=1000.0, step=0.1,
                                tooltip="Step size at the last step (linear ramp); -1 keeps it constant."),
                 *data_inputs(),
+                scheduler_input(),
             ],
             outputs=[
                 io.Image.Output(display_name="image", tooltip="The restored photo."),
@@ -126,9 +127,12 @@ class FlowDPSRestore(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, positive, negative, vae, measurement, operator, seed, steps, cfg, shift, method,
-                dc_steps, step_size, step_size_end, residual, norm, sigma_y) -> io.NodeOutput:
+                dc_steps, step_size, step_size_end, residual, norm, sigma_y,
+                scheduler=FLOWDPS_SCHEDULER) -> io.NodeOutput:
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        if scheduler not in SCHEDULERS:
+            raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {scheduler!r}")
         check_model_and_vae(model, vae, "FlowDPS Restore")
         problem = make_problem(vae, operator, measurement, residual, norm, sigma_y)
         y, image_shape = fit_measurement(operator, problem.measurement)
@@ -147,7 +151,7 @@ class FlowDPSRestore(io.ComfyNode):
         batch = y.shape[0]
         latent = torch.zeros(batch, channels, image_shape[2] // ratio, image_shape[3] // ratio)
         noise = comfy.sample.prepare_noise(latent, seed)
-        sigmas = comfy.samplers.calculate_sigmas(patched.get_model_object("model_sampling"), "simple", steps)
+        sigmas = restore_sigmas(patched.get_model_object("model_sampling"), scheduler, steps)
         guider = comfy.samplers.CFGGuider(patched)
         guider.set_conds(positive, negative)
         guider.set_cfg(settings.cfg)

@@ -14,11 +14,14 @@ from ..samplers import FlowChefConfig, FlowDPSConfig, PSLDConfig, Schedule
 from .common import CATEGORY_SAMPLERS, Operator
 from .measurement import measurement_pixels
 from .psld_sampling import sample_psld
-from .sampling import NORMS, RESIDUALS, RestorationProblem, sample_posterior
+from .sampling import NORMS, RESIDUALS, RestorationProblem, flowdps_grid, sample_posterior
 
-RESIDUAL_TOOLTIP = ("Space of the data-consistency residual: 'auto' = pseudo-inverse for super-resolution and "
-                    "adjoint otherwise (the paper's choice); 'pinv' ||A+y - A+Ax||, 'adjoint' ||ATy - ATAx||, "
-                    "'measurement' ||y - Ax|| (the paper-compatible choice for motion blur).")
+RESIDUAL_TOOLTIP = ("Space of the data-consistency residual. 'auto': the official FlowDPS code's choice for the "
+                    "operator: the pseudo-inverse for super-resolution, the measurement itself for motion and "
+                    "custom-kernel blurs (the official code's 'adjoint' there is the identity), the adjoint for "
+                    "Gaussian blurs, inpainting and colourisation; for a composition the adjoint (or the "
+                    "measurement when a part asks for it). 'pinv' ||A+y - A+Ax||, 'adjoint' ||ATy - ATAx|| (the "
+                    "exact adjoint, for any operator), 'measurement' ||y - Ax||.")
 NORM_TOOLTIP = ("'paper': the un-squared Euclidean norm of the residual (official FlowDPS); 'squared': "
                 "||r||^2 / (2 sigma_y^2), the Gaussian log-likelihood (use a much smaller step size).")
 STEP_SIZE_NOTE = ("With the paper norm the step is a distance in latent space tuned for 768 px SD3 latents: other "
@@ -179,3 +182,30 @@ class PSLDSampler(io.ComfyNode):
         config = PSLDConfig(step_size=step_schedule(step_size, step_size_end), measurement_weight=measurement_weight,
                             gluing_weight=gluing_weight)
         return io.NodeOutput(comfy.samplers.KSAMPLER(sample_psld, extra_options={"problem": problem, "config": config}))
+
+
+class FlowDPSSigmas(io.ComfyNode):
+    """The official FlowDPS noise levels as SIGMAS, for SamplerCustomAdvanced."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FlowDPSSigmas",
+            display_name="FlowDPS sigmas (official grid)",
+            category=CATEGORY_SAMPLERS,
+            description=(
+                "The noise levels of the official FlowDPS code for the given model and number of steps: the SD3 "
+                "scheduler's time grid from 1 down to about 0.003, through the model's shift (connect the model "
+                "after ModelSamplingSD3 shift 4, the paper's), then 0. At 28 steps and shift 4 the last level "
+                "before 0 is 0.0119; BasicScheduler's 'simple' stops at 0.13, 'normal' at 0.004."
+            ),
+            inputs=[
+                io.Model.Input("model", tooltip="The model with its sampling shift (e.g. after ModelSamplingSD3)."),
+                io.Int.Input("steps", default=28, min=1, max=10000, tooltip="Number of steps (paper: 28)."),
+            ],
+            outputs=[io.Sigmas.Output()],
+        )
+
+    @classmethod
+    def execute(cls, model, steps) -> io.NodeOutput:
+        return io.NodeOutput(flowdps_grid(model.get_model_object("model_sampling"), int(steps)))

@@ -13,16 +13,69 @@ from dataclasses import dataclass
 from typing import Any
 
 import comfy.model_management as mm
+import comfy.samplers
 import torch
+from comfy_api.latest import io
 
-from ..operators import AvgPoolSR, BicubicSR, Composed
 from ..samplers import FlowChefConfig, FlowDPSConfig, measurement_loss, sample_flow_posterior
+from ..samplers.schedules import flowdps_times
 from .decoder import GradDecoder
 from .model_family import check_rectified_flow, check_vae_matches
 
 logger = logging.getLogger(__name__)
 
 RESIDUALS = ("auto", "pinv", "adjoint", "measurement")
+FLOWDPS_SCHEDULER = "flowdps"
+SCHEDULERS = (FLOWDPS_SCHEDULER, *comfy.samplers.SCHEDULER_NAMES)
+SCHEDULER_TOOLTIP = ("Noise levels of the steps. 'flowdps' (default): the official FlowDPS grid (the SD3 scheduler's "
+                     "time grid from 1 down to about 0.003, then the model's shift: at 28 steps and shift 4 the last "
+                     "level before 0 is 0.0119). The others are ComfyUI's schedulers, as in BasicScheduler ('simple' "
+                     "stops at 0.13 at 28 steps: a coarser last step).")
+SEED_MODULUS = 2**64
+SEED_STRIDE = 0x9E3779B97F4A7C15  # odd 64-bit constant: distinct, well-spread seeds per stream
+
+
+def scheduler_input() -> io.Combo.Input:
+    """The Restore nodes' trailing, optional ``scheduler`` input (saved workflows without it get 'flowdps')."""
+    return io.Combo.Input("scheduler", options=list(SCHEDULERS), default=FLOWDPS_SCHEDULER, optional=True,
+                          tooltip=SCHEDULER_TOOLTIP)
+
+
+def flowdps_grid(model_sampling: Any, steps: int) -> torch.Tensor:
+    """The official FlowDPS noise levels in the model's own time shift: ``(steps + 1,)`` float32 ending at 0.
+
+    The un-shifted times ``t`` run linearly from 1 to about 0.003 (``samplers.schedules.flowdps_times``) and
+    the model's sampling object maps them to noise levels (``percent_to_sigma(1 - t)``: ModelSamplingSD3's
+    ``shift t / (1 + (shift - 1) t)``, ModelSamplingFlux's exponential shift). For SD3 with shift 4 this is
+    exactly ``samplers.flowdps_sigmas(steps)``.
+    """
+    levels = [float(model_sampling.percent_to_sigma(1.0 - float(t))) for t in flowdps_times(steps)]
+    return torch.tensor([*levels, 0.0], dtype=torch.float32)
+
+
+def restore_sigmas(model_sampling: Any, scheduler: str, steps: int) -> torch.Tensor:
+    """Noise levels for a Restore node: the official grid (``"flowdps"``) or a ComfyUI scheduler by name."""
+    if scheduler not in SCHEDULERS:
+        raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {scheduler!r}")
+    if scheduler == FLOWDPS_SCHEDULER:
+        return flowdps_grid(model_sampling, steps)
+    return comfy.samplers.calculate_sigmas(model_sampling, scheduler, steps)
+
+
+def sampler_seed(seed: int, stream: int = 0) -> int:
+    """Seed of a sampler's own random stream number ``stream`` (>= 0) for the node seed ``seed``.
+
+    ``(seed + (stream + 1) * SEED_STRIDE) mod 2^64``: the stride is odd, so the result is never ``seed`` itself,
+    whose stream is the initial noise that ComfyUI draws on the CPU (``comfy.sample.prepare_noise``), and
+    different streams get different seeds. FlowDPS's renoising uses stream 0; AFDPS uses one stream per batch
+    item. (Seeding the sampler with ``seed`` itself would make its first draw the initial noise again.)
+    """
+    return (int(seed) + (int(stream) + 1) * SEED_STRIDE) % SEED_MODULUS
+
+
+def sampler_generator(seed: int, device: torch.device, stream: int = 0) -> torch.Generator:
+    """A ``torch.Generator`` on ``device`` seeded with :func:`sampler_seed` (``seed``, ``stream``)."""
+    return torch.Generator(device=device).manual_seed(sampler_seed(seed, stream))
 NORMS = ("paper", "squared")
 
 
@@ -31,7 +84,9 @@ class RestorationProblem:
     """What the data term needs: ``y = A(x) + noise`` with ``x`` the decoded image in [-1, 1].
 
     measurement: (1 or B, C, h, w) in [-1, 1], the operator's output space.
-    residual: "pinv" | "adjoint" | "measurement" | "auto" (pinv for super-resolution, as the paper).
+    residual: "pinv" | "adjoint" | "measurement" | "auto" (the official code's choice for the operator,
+        ``operator.auto_residual``: pinv for super-resolution, the measurement itself for motion and kernel
+        blurs, the adjoint otherwise).
     norm: "paper" (un-squared) | "squared" (needs ``sigma_y`` on the [-1, 1] scale, > 0).
     """
 
@@ -51,16 +106,7 @@ class RestorationProblem:
             raise ValueError(f"norm 'squared' needs sigma_y > 0, got {self.sigma_y!r}")
 
     def residual_space(self) -> str:
-        if self.residual != "auto":
-            return self.residual
-        return "pinv" if is_super_resolution(self.operator) else "adjoint"
-
-
-def is_super_resolution(operator: Any) -> bool:
-    """True for a downsampling operator, alone or as the outer part of a composition (e.g. blur then pool)."""
-    if isinstance(operator, AvgPoolSR | BicubicSR) or getattr(operator, "is_super_resolution", False):
-        return True
-    return isinstance(operator, Composed) and is_super_resolution(operator.outer)
+        return self.operator.auto_residual if self.residual == "auto" else self.residual
 
 
 def check_flow_model(base_model: Any, vae: Any = None, node: str = "FlowDPS") -> None:
@@ -122,8 +168,7 @@ def sample_posterior(model, x, sigmas, extra_args=None, callback=None, disable=N
     base = model.inner_model.inner_model
     check_flow_model(base, problem.vae)
     check_problem_fits(problem, x.shape)
-    seed = int(extra_args.get("seed") or 0)
-    generator = torch.Generator(device=x.device).manual_seed(seed)
+    generator = sampler_generator(int(extra_args.get("seed") or 0), x.device)
 
     def denoise(z: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         mm.throw_exception_if_processing_interrupted()

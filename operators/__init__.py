@@ -7,7 +7,7 @@ live in :mod:`.testing`.
 This package never imports ComfyUI (enforced by ruff's banned-api rule).
 """
 
-from .base import CG_MAX_ITER, CG_TOL, Composed, LinearOperator, conjugate_gradient
+from .base import CG_MAX_ITER, CG_TOL, RESIDUAL_SPACES, Composed, LinearOperator, conjugate_gradient
 from .basic import BT601_WEIGHTS, MEAN_WEIGHTS, Grayscale, Identity
 from .blur import (
     BOUNDARIES,
@@ -60,6 +60,7 @@ __all__ = [
     "PAPER_SIGMA_Y",
     "PAPER_SR_FACTOR",
     "PAPER_SVD_THRESHOLD",
+    "RESIDUAL_SPACES",
     "AvgPoolSR",
     "BicubicSR",
     "Blur",

@@ -37,6 +37,10 @@ ill-conditioned blurs this early stop acts as a regulariser)."""
 
 Shape = tuple[int, int, int, int]
 
+RESIDUAL_SPACES = ("pinv", "adjoint", "measurement")
+"""Where a data term compares a measurement ``y`` with ``A x``: ``P y`` against ``P A x`` with ``P = A^+``
+(``"pinv"``) or ``P = A^T`` (``"adjoint"``), or ``y`` against ``A x`` itself (``"measurement"``)."""
+
 
 def check_image_shape(shape: Sequence[int], name: str = "x") -> Shape:
     """Return ``shape`` as a tuple after checking it is a non-empty ``(B, C, H, W)`` image-batch shape."""
@@ -157,6 +161,14 @@ class LinearOperator(abc.ABC):
     def closed_form_pinv(self) -> bool:
         """True when :meth:`pinv` is exact and cheap (closed form), False when it runs conjugate gradients."""
         return type(self)._pinv is not LinearOperator._pinv
+
+    @property
+    def auto_residual(self) -> str:
+        """The residual space (one of :data:`RESIDUAL_SPACES`) the official FlowDPS code uses for this kind of
+        degradation, and so what a data term's ``"auto"`` means: ``"adjoint"`` here (Gaussian blurs,
+        inpainting, colourisation, denoising); super-resolution says ``"pinv"``, convolution blurs whose
+        official "adjoint" is the identity (motion, a custom kernel) say ``"measurement"``."""
+        return "adjoint"
 
     def pinv_cg(self, y: Tensor, *, tol: float = CG_TOL, max_iter: int = CG_MAX_ITER) -> Tensor:
         """``A^+ y`` by conjugate gradients (computed in float32 at least, returned in y's dtype).
@@ -285,3 +297,11 @@ class Composed(LinearOperator):
 
     def _adjoint(self, y: Tensor) -> Tensor:
         return self.inner.adjoint(self.outer.adjoint(y))
+
+    @property
+    def auto_residual(self) -> str:
+        """``"measurement"`` if a part asks for it, else ``"adjoint"``: the pseudo-inverse of a composition
+        has no closed form (conjugate gradients, differentiated through every iteration, in every gradient
+        step), so ``"pinv"`` is never chosen automatically here; it remains available when asked for."""
+        parts = (self.outer.auto_residual, self.inner.auto_residual)
+        return "measurement" if "measurement" in parts else "adjoint"

@@ -53,6 +53,11 @@ class _IntegerFactorSR(LinearOperator):
         b, c, h, w = output_shape
         return (b, c, h * self.factor, w * self.factor)
 
+    @property
+    def auto_residual(self) -> str:
+        """``"pinv"``: the official code compares ``A^+ y`` with ``A^+ A x`` for super-resolution (closed form)."""
+        return "pinv"
+
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class AvgPoolSR(_IntegerFactorSR):

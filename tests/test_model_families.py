@@ -102,7 +102,7 @@ def sampler_graph(prior: graphs.TinyPrior, method: str, *, data: bool = True, va
         sampler = g.add("AFDPSSampler", "method", vae=vae, operator=op, measurement=y, particles=PARTICLES,
                         variant="sde", eta=1.0, kappa=0.2, ess_threshold=0.5, chunk_size=0,
                         sigma_y=0.05 if data else NO_DATA, output="best").out()
-    sigmas = g.add("BasicScheduler", "sigmas", model=model, scheduler="simple", steps=steps, denoise=1.0).out()
+    sigmas = g.add("FlowDPSSigmas", "sigmas", model=model, steps=steps).out()   # the Restore nodes' default grid
     noise = g.add("RandomNoise", "noise", noise_seed=0).out()
     latent = g.add("EmptySD3LatentImage", "latent", width=SIZE, height=SIZE, batch_size=1).out()
     out = g.add("SamplerCustomAdvanced", "sampler", noise=noise, guider=guider, sampler=sampler, sigmas=sigmas,

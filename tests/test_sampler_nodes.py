@@ -16,7 +16,7 @@ pytestmark = pytest.mark.comfy
 class AvgPool2:
     """2x average-pool super-resolution with its exact adjoint and pseudo-inverse."""
 
-    is_super_resolution = True
+    auto_residual = "pinv"
 
     def forward(self, x):
         return F.avg_pool2d(x, 2)
@@ -165,13 +165,3 @@ def test_restore_node_derives_the_output_size(comfy, test_operator, method):
 def test_restore_node_crops_to_a_multiple_of_16(comfy, test_operator):
     result = comfy.run(restore_graph(20), fresh=True).raise_for_error()
     assert tuple(result.output("restore").shape) == (1, 32, 32, 3)  # 20 -> 16 (x2 = 32)
-
-
-def test_auto_residual_uses_pinv_for_super_resolution(comfy):
-    from flowdps.nodes.sampling import is_super_resolution
-    from flowdps.operators import AvgPoolSR, BicubicSR, Identity, gaussian_blur
-
-    assert is_super_resolution(AvgPoolSR(2))
-    assert is_super_resolution(BicubicSR(3) @ gaussian_blur(5, 1.0))
-    assert not is_super_resolution(gaussian_blur(5, 1.0))
-    assert not is_super_resolution(gaussian_blur(5, 1.0) @ Identity())

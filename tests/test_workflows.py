@@ -144,6 +144,7 @@ def test_main_sampler_has_the_papers_defaults(node_info, workflow):
         expected = PAPER_SAMPLING if family == "sd3" else {**PAPER_SAMPLING, "cfg": 0.0, "shift": 0.0}
         assert {k: inputs[k] for k in PAPER_SAMPLING} == expected  # other families: 0 = the family's default
         assert inputs["seed"] == 0
+        assert inputs["scheduler"] == "flowdps"            # the official grid
     if kind == "FlowDPSRestore":
         assert inputs["method"] == "flowdps"
     if kind == "AFDPSRestore":
@@ -151,8 +152,8 @@ def test_main_sampler_has_the_papers_defaults(node_info, workflow):
     if kind.endswith("Sampler"):  # the SAMPLER route: schedule, shift and CFG live in core nodes
         assert prompt[only(prompt, "ModelSamplingSD3")]["inputs"]["shift"] == PAPER_SAMPLING["shift"]
         assert prompt[only(prompt, "CFGGuider")]["inputs"]["cfg"] == PAPER_SAMPLING["cfg"]
-        scheduler = prompt[only(prompt, "BasicScheduler")]["inputs"]
-        assert (scheduler["scheduler"], scheduler["steps"], scheduler["denoise"]) == ("simple", 28, 1.0)
+        sigmas = prompt[only(prompt, "FlowDPSSigmas")]["inputs"]
+        assert sigmas["steps"] == 28                        # the official grid, 28 steps
         latent = prompt[only(prompt, "EmptySD3LatentImage")]["inputs"]
         factor = prompt[only(prompt, *SR_OPERATORS)]["inputs"]["factor"]
         assert (latent["width"], latent["height"]) == (64 * factor, 64 * factor)  # for the note's 64 px photo

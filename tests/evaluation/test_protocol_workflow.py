@@ -74,7 +74,7 @@ def test_evaluation_prompt_simulates_the_measurement_and_sets_the_protocol():
     assert api["6"]["inputs"]["measurement"] == ["4", 0]          # the input is not modified
     sim = prompt[workflow.SIMULATE_ID]
     assert sim["class_type"] == "FlowDPSSimulateMeasurement"
-    assert sim["inputs"] == {"image": ["4", 0], "operator": ["5", 0], "sigma_y": 0.015, "seed": 0}
+    assert sim["inputs"] == {"image": ["4", 0], "operator": ["5", 0], "sigma_y": 0.015, "seed": 0, "clip": False}
     restore = prompt["6"]["inputs"]
     assert restore["measurement"] == [workflow.SIMULATE_ID, 0]
     assert (restore["seed"], restore["steps"], restore["cfg"], restore["shift"], restore["sigma_y"]) == (
