@@ -24,6 +24,7 @@ from ..operators import (
     AvgPoolSR,
     BicubicSR,
     Blur,
+    Composed,
     Grayscale,
     Identity,
     Inpainting,
@@ -362,7 +363,8 @@ class ComposeOperators(io.ComfyNode):
 
     @classmethod
     def execute(cls, first, then) -> io.NodeOutput:
-        return io.NodeOutput(then @ first)
+        return io.NodeOutput(Composed(outer=then, inner=first, title="Compose operators", inner_name="'first'",
+                                      outer_name="'then'"))
 
 
 OPERATOR_NODES = [

@@ -67,8 +67,8 @@ def box_mask(height: int, width: int, top: int, left: int, box_height: int, box_
     """
     height, width = check_positive_int(height, "height"), check_positive_int(width, "width")
     box_height, box_width = (
-        check_positive_int(box_height, "box height"),
-        check_positive_int(box_width, "box width"),
+        check_positive_int(box_height, "box_height"),
+        check_positive_int(box_width, "box_width"),
     )
     if top < 0 or left < 0 or top + box_height > height or left + box_width > width:
         raise ValueError(
@@ -87,9 +87,9 @@ def random_mask(
     pixels per sample, chosen uniformly at random (shared by all channels). missing_ratio in [0, 1]."""
     height, width = check_positive_int(height, "height"), check_positive_int(width, "width")
     batch = check_positive_int(batch, "batch")
-    ratio = check_finite_float(missing_ratio, "missing ratio")
+    ratio = check_finite_float(missing_ratio, "missing_ratio")
     if not 0.0 <= ratio <= 1.0:
-        raise ValueError(f"missing ratio {ratio} must be in [0, 1]")
+        raise ValueError(f"missing_ratio {ratio} must be in [0, 1]")
     n = height * width
     n_missing = round(ratio * n)
     device = generator.device if generator is not None else "cpu"
@@ -132,6 +132,9 @@ class Inpainting(LinearOperator):
                 f"mask batch {m_batch} does not match the image batch {shape[0]} (must be 1 or equal)"
             )
         return shape
+
+    def describe(self) -> str:
+        return f"inpainting, mask {self.mask.shape[-2]}x{self.mask.shape[-1]}"
 
     def _forward(self, x: Tensor) -> Tensor:
         return x * self.mask.to(device=x.device, dtype=x.dtype)

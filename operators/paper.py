@@ -102,6 +102,9 @@ class PaperGaussianBlur(LinearOperator):
         object.__setattr__(self, "sigma", sigma)
         object.__setattr__(self, "threshold", threshold)
 
+    def describe(self) -> str:
+        return f"paper Gaussian blur, kernel {self.kernel_size}, sigma {self.sigma:g}"
+
     def _matrices(self, n: int) -> tuple[Tensor, Tensor, Tensor]:
         return paper_gaussian_matrices(n, self.kernel_size, self.sigma, self.threshold)
 
