@@ -290,11 +290,15 @@ class MaskInpaintOperator(io.ComfyNode):
             display_name="Inpainting operator (mask)",
             category=CATEGORY_OPERATORS,
             description="Inpainting with any ComfyUI MASK (e.g. painted in the mask editor of LoadImage): white "
-                        "(>= 0.5) = missing, to be filled; black = known. The mask must have the image's size.",
+                        "(above 0.5) = missing, to be filled; black (0.5 and below) = known. A value of exactly "
+                        "0.5 counts as known, as ComfyUI's VAE Encode (for Inpainting) rounds it. The mask must "
+                        "have the image's size.",
             inputs=[
-                io.Mask.Input("mask", tooltip="1 = area to fill (ComfyUI's convention), 0 = keep."),
+                io.Mask.Input("mask", tooltip="1 = area to fill (ComfyUI's convention), 0 = keep; soft values are "
+                                              "cut at 0.5 (above: fill; exactly 0.5: keep)."),
                 io.Boolean.Input("invert", default=False,
-                                 tooltip="Treat white as known instead (for masks drawn the other way)."),
+                                 tooltip="Treat white as known instead (for masks drawn the other way): values "
+                                         "below 0.5 are filled; exactly 0.5 still counts as known."),
             ],
             outputs=[_operator_output()],
         )

@@ -2,7 +2,9 @@
 
 **Mask rule (operator side): 1 = known / kept pixel, 0 = missing pixel (to be filled).** Masks are
 binarised at construction: values >= :data:`KEEP_THRESHOLD` count as known. ComfyUI's MASK means the
-opposite (1 = area to inpaint): convert with :func:`keep_mask_from_comfy_mask`.
+opposite (1 = area to inpaint): convert with :func:`keep_mask_from_comfy_mask`, after which a ComfyUI value
+above 0.5 is missing and a value of exactly 0.5 is known, as ComfyUI's own inpainting nodes (VAE Encode for
+Inpainting, InpaintModelConditioning) read it: they round the mask, and 0.5 rounds to 0.
 
 A mask is ``(H, W)``, ``(Bm, H, W)`` or ``(Bm, 1, H, W)``; it applies to every channel, and ``Bm`` must be 1
 (one mask for the whole batch) or the image batch size B.
@@ -37,7 +39,8 @@ def as_mask_batch(mask: Tensor) -> Tensor:
 
 
 def keep_mask_from_comfy_mask(mask: Tensor) -> Tensor:
-    """Convert a ComfyUI MASK (1 = area to inpaint, values in [0, 1]) to our keep-mask: ``1 - mask``."""
+    """Convert a ComfyUI MASK (1 = area to inpaint, values in [0, 1]) to our keep-mask: ``1 - mask`` (so, once
+    binarised, ComfyUI values above 0.5 are missing and 0.5 is known)."""
     return 1.0 - mask
 
 
