@@ -38,6 +38,7 @@ from ..operators import (
 )
 from .common import CATEGORY_OPERATORS, Operator
 from .convert import mask_to_batch
+from .inputs import check_links
 
 BOUNDARY_TOOLTIP = ("What lies outside the image: 'reflect' mirrors it at the edges (natural photos), 'circular' "
                     "wraps around (closed-form pseudo-inverse), 'zero' is black.")
@@ -221,6 +222,7 @@ class KernelBlurOperator(io.ComfyNode):
 
     @classmethod
     def execute(cls, boundary, kernel_image=None, kernel_mask=None) -> io.NodeOutput:
+        check_links(cls, kernel_image=kernel_image, kernel_mask=kernel_mask)
         kernel = kernel_from_inputs(kernel_image, kernel_mask)
         return io.NodeOutput(Blur(kernel, boundary), kernel_to_image(kernel))
 
@@ -305,6 +307,7 @@ class MaskInpaintOperator(io.ComfyNode):
 
     @classmethod
     def execute(cls, mask, invert) -> io.NodeOutput:
+        check_links(cls, mask=mask)
         m = mask_to_batch(mask, name="mask").clone()
         if m.numel() and (m.min() < 0 or m.max() > 1):
             raise ValueError(f"mask values must be in [0, 1], got range [{m.min().item()}, {m.max().item()}]")
@@ -367,6 +370,7 @@ class ComposeOperators(io.ComfyNode):
 
     @classmethod
     def execute(cls, first, then) -> io.NodeOutput:
+        check_links(cls, first=first, then=then)
         return io.NodeOutput(Composed(outer=then, inner=first, title="Compose operators", inner_name="'first'",
                                       outer_name="'then'"))
 

@@ -116,6 +116,7 @@ def loaders(g: graphs.GraphBuilder, case: dict) -> tuple[list, list, list, list]
 SAMPLER_DEFAULTS = {
     "FlowDPSSampler": {"dc_steps": 1, "step_size": 15.0, "step_size_end": -1.0, "residual": "auto", "norm": "paper",
                        "sigma_y": 0.015},
+    "FlowChefSampler": {"step_size": 15.0, "residual": "auto", "norm": "paper", "sigma_y": 0.015},
     "AFDPSSampler": {"particles": 2, "variant": "sde", "eta": 1.0, "kappa": 1.0, "ess_threshold": 0.5,
                      "chunk_size": 1, "sigma_y": 0.015, "output": "best"},
 }

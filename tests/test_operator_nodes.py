@@ -287,7 +287,7 @@ def test_measurement_of_the_wrong_size_is_refused_by_the_preview(comfy, photo):
     g.add("SaveImage", "save", images=pinv.out(0), filename_prefix="bad_pinv")
     error = error_of(comfy, g.build())
     assert error.node_id == "pinv"
-    assert "measurement (96x64 pixels) does not fit the operator" in error.message
+    assert "measurement (96x64 pixels, W x H) does not fit the operator" in error.message
     assert "mask 32x32 does not match the image 64x96" in error.message
 
 
