@@ -292,38 +292,40 @@ class Composed(LinearOperator):
     def describe(self) -> str:
         return f"{self.inner.describe()}, then {self.outer.describe()}"
 
-    def _part(self, which: str) -> str:
+    def _part(self, which: str) -> tuple[LinearOperator, str]:
+        """The operator ``which`` ("inner" / "outer") and how messages name it."""
         operator, name = (self.inner, self.inner_name) if which == "inner" else (self.outer, self.outer_name)
-        return f"{name} ({operator.describe()})"
+        return operator, f"{name} ({operator.describe()})"
+
+    def _through(self, shape: Shape, *, forward: bool) -> Shape:
+        """``shape`` through both parts: image -> measurement (``forward``, inner first) or back (outer first).
+
+        A part's ValueError is re-raised naming ``shape`` (the caller's size), the size in between and the part.
+        """
+        first, second = ("inner", "outer") if forward else ("outer", "inner")
+        said = f"{self.title}: the {'image' if forward else 'measurement'} is {describe_size(shape)} (H x W)"
+        refuses = "does not accept" if forward else "cannot produce"
+        (first_op, first_name), (second_op, second_name) = self._part(first), self._part(second)
+        try:
+            middle = first_op.output_shape(shape) if forward else first_op.input_shape(shape)
+        except ValueError as e:
+            raise ValueError(f"{said}, which {first_name} {refuses}: {e}") from e
+        try:
+            return second_op.output_shape(middle) if forward else second_op.input_shape(middle)
+        except ValueError as e:
+            raise ValueError(f"{said}; {'after' if forward else 'before'} {first_name} it is "
+                             f"{describe_size(middle, shape)}, which {second_name} {refuses}: {e}") from e
 
     def validate_input_shape(self, shape: Sequence[int]) -> Shape:
         shape = check_image_shape(shape, "x")
-        image = f"{self.title}: the image is {describe_size(shape)} (H x W)"
-        try:
-            middle = self.inner.output_shape(shape)
-        except ValueError as e:
-            raise ValueError(f"{image}, which {self._part('inner')} does not accept: {e}") from e
-        try:
-            self.outer.validate_input_shape(middle)
-        except ValueError as e:
-            raise ValueError(f"{image}; after {self._part('inner')} it is {describe_size(middle, shape)}, which "
-                             f"{self._part('outer')} does not accept: {e}") from e
+        self._through(shape, forward=True)
         return shape
 
     def _output_shape(self, shape: Shape) -> Shape:
         return self.outer.output_shape(self.inner.output_shape(shape))
 
     def _input_shape(self, output_shape: Shape) -> Shape:
-        measurement = f"{self.title}: the measurement is {describe_size(output_shape)} (H x W)"
-        try:
-            middle = self.outer.input_shape(output_shape)
-        except ValueError as e:
-            raise ValueError(f"{measurement}, which {self._part('outer')} cannot produce: {e}") from e
-        try:
-            return self.inner.input_shape(middle)
-        except ValueError as e:
-            raise ValueError(f"{measurement}; before {self._part('outer')} it is {describe_size(middle, output_shape)}, "
-                             f"which {self._part('inner')} cannot produce: {e}") from e
+        return self._through(output_shape, forward=False)
 
     def _forward(self, x: Tensor) -> Tensor:
         return self.outer.forward(self.inner.forward(x))
