@@ -31,6 +31,7 @@ from ..samplers import AFDPSConfig, AFDPSResult, sample_afdps
 from .common import CATEGORY_ROOT, CATEGORY_SAMPLERS, Operator
 from .convert import pixels_to_image
 from .decoder import GradDecoder
+from .inputs import check_links, inputs_named
 from .model_family import (
     CFG_TOOLTIP,
     MODEL_TOOLTIP,
@@ -57,6 +58,7 @@ from .sampling import (
 
 logger = logging.getLogger(__name__)
 
+RESTORE_NAME = "AFDPS Restore"  # the Restore node's display name, which its messages and log lines start with
 OUTPUTS = ("best", "mean", "sample")
 AFDPS_VARIANTS = ("sde", "ode")
 VARIANT_TOOLTIP = ("sde: guided Euler-Maruyama moves with exact (W2) weights and the 'tweedie' potential (recommended). "
@@ -64,6 +66,9 @@ VARIANT_TOOLTIP = ("sde: guided Euler-Maruyama moves with exact (W2) weights and
                    "potential (afdps.md §2.5-2.6): exact gradient from the decoder alone, 2 model calls a step, more "
                    "weight variance.")
 DEFAULTS = AFDPSConfig()
+CONFIG_INPUTS = {"eta_v": "eta", "resample_threshold": "ess_threshold"}
+"""AFDPSConfig field -> the node input that feeds it, where the names differ (kappa, chunk_size, variant and
+kappa_clip keep theirs; chunk_size and kappa_clip 0 become None, checked by the node first)."""
 MAX_WEIGHTS_SHOWN = 16  # final weights listed in the report / log line
 
 SIGMA_Y_TOOLTIP = ("Measurement noise std on the [0, 1] image scale (the likelihood's sigma_y; converted x2 to the "
@@ -117,10 +122,11 @@ def make_config(eta: float, kappa: float, ess_threshold: float, chunk_size: int,
     if not (math.isfinite(kappa_clip) and kappa_clip >= 0):
         raise ValueError(f"kappa_clip must be >= 0 (0: off), got {kappa_clip}")
     ode = variant == "ode"
-    return AFDPSConfig(eta_v=float(eta), kappa=float(kappa), resample_threshold=float(ess_threshold),
-                       chunk_size=int(chunk_size) or None, variant=variant,
-                       potential="noised" if ode else DEFAULTS.potential,
-                       kappa_clip=None if ode or kappa_clip == 0 else float(kappa_clip))
+    with inputs_named(CONFIG_INPUTS):
+        return AFDPSConfig(eta_v=float(eta), kappa=float(kappa), resample_threshold=float(ess_threshold),
+                           chunk_size=int(chunk_size) or None, variant=variant,
+                           potential="noised" if ode else DEFAULTS.potential,
+                           kappa_clip=None if ode or kappa_clip == 0 else float(kappa_clip))
 
 
 def make_afdps_problem(vae, operator, measurement, sigma_y: float) -> RestorationProblem:
@@ -308,6 +314,7 @@ class AFDPSSampler(io.ComfyNode):
     @classmethod
     def execute(cls, vae, operator, measurement, particles, variant, eta, kappa, ess_threshold, chunk_size, sigma_y,
                 output, kappa_clip=KAPPA_CLIP) -> io.NodeOutput:
+        check_links(cls, vae=vae, operator=operator, measurement=measurement)
         if output not in OUTPUTS:
             raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
         config = make_config(eta, kappa, ess_threshold, chunk_size, variant=variant, kappa_clip=kappa_clip)
@@ -322,7 +329,7 @@ class AFDPSRestore(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="AFDPSRestore",
-            display_name="AFDPS Restore",
+            display_name=RESTORE_NAME,
             category=CATEGORY_ROOT,
             description=(
                 "Restores a degraded photo (super-resolution, deblurring, inpainting) with a rectified-flow model "
@@ -369,15 +376,17 @@ class AFDPSRestore(io.ComfyNode):
     def execute(cls, model, positive, negative, vae, measurement, operator, particles, steps, cfg, shift, seed,
                 eta, kappa, ess_threshold, chunk_size, sigma_y, variant="sde", kappa_clip=KAPPA_CLIP,
                 scheduler=FLOWDPS_SCHEDULER) -> io.NodeOutput:
+        check_links(cls, model=model, positive=positive, negative=negative, vae=vae, measurement=measurement,
+                    operator=operator)
         if scheduler not in SCHEDULERS:
             raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {scheduler!r}")
-        check_model_and_vae(model, vae, "AFDPS Restore")
+        check_model_and_vae(model, vae, RESTORE_NAME)
         config = make_config(eta, kappa, ess_threshold, chunk_size, variant=variant, kappa_clip=kappa_clip)
         problem = make_afdps_problem(vae, operator, measurement, sigma_y)
-        y, image_shape = fit_measurement(operator, problem.measurement)
+        y, image_shape = fit_measurement(operator, problem.measurement, RESTORE_NAME)
         problem = dataclasses.replace(problem, measurement=y)
         settings = restore_settings(model, shift, cfg, image_shape[2], image_shape[3])
-        logger.info("AFDPS Restore: %s", settings.describe())
+        logger.info("%s: %s", RESTORE_NAME, settings.describe())
 
         patched = with_shift(model, settings.shift)
         channels = patched.get_model_object("latent_format").latent_channels

@@ -24,6 +24,8 @@ def image_to_pixels(image: torch.Tensor, *, name: str = "image") -> torch.Tensor
         image = image.unsqueeze(0)
     if image.ndim != 4:
         raise ValueError(f"{name}: expected an IMAGE of shape (B, H, W, C), got {tuple(image.shape)}")
+    if min(image.shape) == 0:
+        raise ValueError(f"{name}: the IMAGE is empty (shape {tuple(image.shape)}, B, H, W, C)")
     channels = image.shape[-1]
     if channels == 1:
         image = image.expand(-1, -1, -1, 3)

@@ -29,7 +29,7 @@ def measurement_pixels(operator: LinearOperator, image: torch.Tensor, *, name: s
         try:
             operator.input_shape(grey.shape)
         except ValueError:
-            raise ValueError(f"{name} ({pixels.shape[3]}x{pixels.shape[2]} pixels) does not fit the operator: "
+            raise ValueError(f"{name} ({pixels.shape[3]}x{pixels.shape[2]} pixels, W x H) does not fit the operator: "
                              f"{rgb_error}") from None
         return grey
 

@@ -9,6 +9,7 @@ from comfy_api.latest import io
 from ..operators import CG_MAX_ITER, PAPER_SIGMA_Y, GaussianNoise
 from .common import CATEGORY_MEASUREMENT, Operator
 from .convert import image_to_pixels, pixels_to_image
+from .inputs import check_links
 from .measurement import measurement_pixels, unknown_mask
 
 PREVIEW_CG_ITERATIONS = 50  # default cap for operators without a closed-form pseudo-inverse (blurs)
@@ -47,6 +48,7 @@ class SimulateMeasurement(io.ComfyNode):
 
     @classmethod
     def execute(cls, image, operator, sigma_y, seed, clip=True) -> io.NodeOutput:
+        check_links(cls, image=image, operator=operator)
         x = image_to_pixels(image, name="image")
         operator.output_shape(x.shape)  # checks the size rules (factor, kernel, mask) before any work
         noise = GaussianNoise(sigma_y)  # checks sigma_y
@@ -78,6 +80,7 @@ class PseudoInversePreview(io.ComfyNode):
 
     @classmethod
     def execute(cls, measurement, operator, max_iterations) -> io.NodeOutput:
+        check_links(cls, measurement=measurement, operator=operator)
         y = measurement_pixels(operator, measurement)
         y = y.to(mm.get_torch_device())
         x = operator.pinv(y) if operator.closed_form_pinv else operator.pinv_cg(y, max_iter=max_iterations)

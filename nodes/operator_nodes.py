@@ -24,6 +24,7 @@ from ..operators import (
     AvgPoolSR,
     BicubicSR,
     Blur,
+    Composed,
     Grayscale,
     Identity,
     Inpainting,
@@ -37,6 +38,7 @@ from ..operators import (
 )
 from .common import CATEGORY_OPERATORS, Operator
 from .convert import mask_to_batch
+from .inputs import check_links
 
 BOUNDARY_TOOLTIP = ("What lies outside the image: 'reflect' mirrors it at the edges (natural photos), 'circular' "
                     "wraps around (closed-form pseudo-inverse), 'zero' is black.")
@@ -243,6 +245,7 @@ class KernelBlurOperator(io.ComfyNode):
     @classmethod
     def execute(cls, boundary, kernel_image=None, kernel_mask=None,
                 kernel_is=KERNEL_CONVENTIONS[0]) -> io.NodeOutput:
+        check_links(cls, kernel_image=kernel_image, kernel_mask=kernel_mask)
         if kernel_is not in KERNEL_CONVENTIONS:
             raise ValueError(f"kernel_is must be one of {KERNEL_CONVENTIONS}, got {kernel_is!r}")
         kernel = kernel_from_inputs(kernel_image, kernel_mask)
@@ -316,17 +319,22 @@ class MaskInpaintOperator(io.ComfyNode):
             display_name="Inpainting operator (mask)",
             category=CATEGORY_OPERATORS,
             description="Inpainting with any ComfyUI MASK (e.g. painted in the mask editor of LoadImage): white "
-                        "(>= 0.5) = missing, to be filled; black = known. The mask must have the image's size.",
+                        "(above 0.5) = missing, to be filled; black (0.5 and below) = known. A value of exactly "
+                        "0.5 counts as known, as ComfyUI's VAE Encode (for Inpainting) rounds it. The mask must "
+                        "have the image's size.",
             inputs=[
-                io.Mask.Input("mask", tooltip="1 = area to fill (ComfyUI's convention), 0 = keep."),
+                io.Mask.Input("mask", tooltip="1 = area to fill (ComfyUI's convention), 0 = keep; soft values are "
+                                              "cut at 0.5 (above: fill; exactly 0.5: keep)."),
                 io.Boolean.Input("invert", default=False,
-                                 tooltip="Treat white as known instead (for masks drawn the other way)."),
+                                 tooltip="Treat white as known instead (for masks drawn the other way): values "
+                                         "below 0.5 are filled; exactly 0.5 still counts as known."),
             ],
             outputs=[_operator_output()],
         )
 
     @classmethod
     def execute(cls, mask, invert) -> io.NodeOutput:
+        check_links(cls, mask=mask)
         m = mask_to_batch(mask, name="mask").clone()
         if m.numel() and (m.min() < 0 or m.max() > 1):
             raise ValueError(f"mask values must be in [0, 1], got range [{m.min().item()}, {m.max().item()}]")
@@ -389,7 +397,9 @@ class ComposeOperators(io.ComfyNode):
 
     @classmethod
     def execute(cls, first, then) -> io.NodeOutput:
-        return io.NodeOutput(then @ first)
+        check_links(cls, first=first, then=then)
+        return io.NodeOutput(Composed(outer=then, inner=first, title="Compose operators", inner_name="'first'",
+                                      outer_name="'then'"))
 
 
 OPERATOR_NODES = [

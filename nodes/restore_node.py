@@ -15,6 +15,7 @@ from comfy_api.latest import io
 
 from ..samplers import FlowChefConfig, FlowDPSConfig, PSLDConfig
 from .common import CATEGORY_ROOT
+from .inputs import check_links
 from .model_family import (
     CFG_TOOLTIP,
     MODEL_TOOLTIP,
@@ -38,6 +39,7 @@ from .sampling import FLOWDPS_SCHEDULER, SCHEDULERS, restore_sigmas, sample_post
 
 logger = logging.getLogger(__name__)
 
+NAME = "FlowDPS Restore"  # the display name, which messages and log lines start with
 METHODS = ("flowdps", "flowchef", "psld")
 MAX_CROP = 64  # largest crop of the measurement (pixels per side) tried by fit_measurement
 SD3_MULTIPLE = 16  # SD3 latents are 1/8 of the image and patchified by 2: image sides must be multiples of 16
@@ -49,10 +51,11 @@ def shifted_model(model, shift: float):
     return with_shift(model, shift)
 
 
-def fit_measurement(operator, measurement: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+def fit_measurement(operator, measurement: torch.Tensor, node: str) -> tuple[torch.Tensor, tuple[int, ...]]:
     """Crop the measurement (bottom/right) until the image it implies has sides that are multiples of 16.
 
-    measurement: (B, C, h, w). Returns the (possibly cropped) measurement and the image shape (B, 3, H, W).
+    measurement: (B, C, h, w); node: the display name that the crop warning starts with. Returns the (possibly
+    cropped) measurement and the image shape (B, 3, H, W).
     Raises ValueError when no crop works (for example a mask operator of a fixed, unsuitable size).
     """
     b, c, h, w = measurement.shape
@@ -67,11 +70,11 @@ def fit_measurement(operator, measurement: torch.Tensor) -> tuple[torch.Tensor, 
             if shape[2] % SD3_MULTIPLE or shape[3] % SD3_MULTIPLE:
                 continue
             if dh or dw:
-                logger.warning("FlowDPS Restore: cropped the measurement from %dx%d to %dx%d so that the restored "
-                               "image (%dx%d) is a multiple of %d pixels", w, h, w - dw, h - dh, shape[3], shape[2],
-                               SD3_MULTIPLE)
+                logger.warning("%s: cropped the measurement from %dx%d to %dx%d (W x H) so that the restored "
+                               "image (%dx%d) is a multiple of %d pixels", node, w, h, w - dw, h - dh, shape[3],
+                               shape[2], SD3_MULTIPLE)
             return measurement[:, :, : h - dh, : w - dw], shape
-    raise ValueError(f"the measurement ({w}x{h}) cannot be fitted to an image whose sides are multiples of "
+    raise ValueError(f"the measurement ({w}x{h}, W x H) cannot be fitted to an image whose sides are multiples of "
                      f"{SD3_MULTIPLE} pixels with this operator ({error or f'no crop of up to {MAX_CROP} pixels works'})")
 
 
@@ -82,7 +85,7 @@ class FlowDPSRestore(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="FlowDPSRestore",
-            display_name="FlowDPS Restore",
+            display_name=NAME,
             category=CATEGORY_ROOT,
             description=(
                 "Restores a degraded photo (super-resolution, deblurring, inpainting) with a rectified-flow model "
@@ -129,16 +132,18 @@ class FlowDPSRestore(io.ComfyNode):
     def execute(cls, model, positive, negative, vae, measurement, operator, seed, steps, cfg, shift, method,
                 dc_steps, step_size, step_size_end, residual, norm, sigma_y,
                 scheduler=FLOWDPS_SCHEDULER) -> io.NodeOutput:
+        check_links(cls, model=model, positive=positive, negative=negative, vae=vae, measurement=measurement,
+                    operator=operator)
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         if scheduler not in SCHEDULERS:
             raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {scheduler!r}")
-        check_model_and_vae(model, vae, "FlowDPS Restore")
+        check_model_and_vae(model, vae, NAME)
         problem = make_problem(vae, operator, measurement, residual, norm, sigma_y)
-        y, image_shape = fit_measurement(operator, problem.measurement)
+        y, image_shape = fit_measurement(operator, problem.measurement, NAME)
         problem = dataclasses.replace(problem, measurement=y)
         settings = restore_settings(model, shift, cfg, image_shape[2], image_shape[3])
-        logger.info("FlowDPS Restore: %s", settings.describe())
+        logger.info("%s: %s", NAME, settings.describe())
         step = step_schedule(step_size, step_size_end)
         config = {"flowdps": lambda: FlowDPSConfig(dc_steps=dc_steps, step_size=step),
                   "flowchef": lambda: FlowChefConfig(step_size=step),

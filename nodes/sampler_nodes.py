@@ -12,6 +12,7 @@ from comfy_api.latest import io
 
 from ..samplers import FlowChefConfig, FlowDPSConfig, PSLDConfig, Schedule
 from .common import CATEGORY_SAMPLERS, Operator
+from .inputs import check_links, inputs_named
 from .measurement import measurement_pixels
 from .psld_sampling import sample_psld
 from .sampling import NORMS, RESIDUALS, RestorationProblem, flowdps_grid, sample_posterior
@@ -51,8 +52,13 @@ def data_inputs() -> list:
     ]
 
 
+STEP_INPUTS = {"start": "step_size", "end": "step_size_end"}  # Schedule field -> node input
+
+
 def step_schedule(start: float, end: float) -> float | Schedule:
-    return start if end < 0 or end == start else Schedule(start=start, end=end)
+    """The step_size / step_size_end inputs as a constant or a ramp (errors name those inputs)."""
+    with inputs_named(STEP_INPUTS):
+        return start if end < 0 or end == start else Schedule(start=start, end=end)
 
 
 def make_problem(vae, operator, measurement, residual: str, norm: str, sigma_y: float) -> RestorationProblem:
@@ -99,6 +105,7 @@ class FlowDPSSampler(io.ComfyNode):
     @classmethod
     def execute(cls, vae, operator, measurement, dc_steps, step_size, step_size_end, residual, norm,
                 sigma_y) -> io.NodeOutput:
+        check_links(cls, vae=vae, operator=operator, measurement=measurement)
         problem = make_problem(vae, operator, measurement, residual, norm, sigma_y)
         config = FlowDPSConfig(dc_steps=dc_steps, step_size=step_schedule(step_size, step_size_end))
         return io.NodeOutput(comfy.samplers.KSAMPLER(sample_posterior,
@@ -130,6 +137,7 @@ class FlowChefSampler(io.ComfyNode):
 
     @classmethod
     def execute(cls, vae, operator, measurement, step_size, residual, norm, sigma_y) -> io.NodeOutput:
+        check_links(cls, vae=vae, operator=operator, measurement=measurement)
         problem = make_problem(vae, operator, measurement, residual, norm, sigma_y)
         config = FlowChefConfig(step_size=step_size)
         return io.NodeOutput(comfy.samplers.KSAMPLER(sample_posterior,
@@ -178,6 +186,7 @@ class PSLDSampler(io.ComfyNode):
     @classmethod
     def execute(cls, vae, operator, measurement, step_size, step_size_end, measurement_weight, gluing_weight,
                 residual, norm, sigma_y) -> io.NodeOutput:
+        check_links(cls, vae=vae, operator=operator, measurement=measurement)
         problem = make_problem(vae, operator, measurement, residual, norm, sigma_y)
         config = PSLDConfig(step_size=step_schedule(step_size, step_size_end), measurement_weight=measurement_weight,
                             gluing_weight=gluing_weight)

@@ -130,14 +130,17 @@ def check_problem_fits(problem: RestorationProblem, latent_shape: torch.Size) ->
     """The operator applied to the image the latent decodes to must give the measurement's shape."""
     image_shape = decoded_shape(problem.vae, latent_shape)
     y = problem.measurement
-    expected = tuple(problem.operator.output_shape(image_shape))
+    decodes = f"the latent {tuple(latent_shape)} decodes to {image_shape[3]}x{image_shape[2]} pixels (W x H)"
+    advice = "set the latent size to match the operator and the measurement"
+    try:
+        expected = tuple(problem.operator.output_shape(image_shape))
+    except ValueError as e:
+        raise ValueError(f"{decodes}, which the operator does not accept ({e}): {advice}") from e
     if y.shape[0] not in (1, image_shape[0]):
         raise ValueError(f"measurement batch {y.shape[0]} must be 1 or the latent batch {image_shape[0]}")
     if tuple(y.shape[1:]) != expected[1:]:
-        raise ValueError(
-            f"the latent {tuple(latent_shape)} decodes to {image_shape[3]}x{image_shape[2]} pixels; the operator "
-            f"maps that to {expected[3]}x{expected[2]}, but the measurement is {y.shape[3]}x{y.shape[2]}: set the "
-            f"latent size to match the operator and the measurement")
+        raise ValueError(f"{decodes}; the operator maps that to {expected[3]}x{expected[2]}, but the measurement is "
+                         f"{y.shape[3]}x{y.shape[2]}: {advice}")
 
 
 def build_data_loss(problem: RestorationProblem, decoder: GradDecoder, device: torch.device):
@@ -166,7 +169,7 @@ def sample_posterior(model, x, sigmas, extra_args=None, callback=None, disable=N
     """
     extra_args = {} if extra_args is None else extra_args
     base = model.inner_model.inner_model
-    check_flow_model(base, problem.vae)
+    check_flow_model(base, problem.vae, "FlowChef" if isinstance(config, FlowChefConfig) else "FlowDPS")
     check_problem_fits(problem, x.shape)
     generator = sampler_generator(int(extra_args.get("seed") or 0), x.device)
 

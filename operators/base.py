@@ -89,6 +89,14 @@ def check_finite_float(value: object, name: str) -> float:
     return value
 
 
+def describe_size(shape: Sequence[int], like: Sequence[int] | None = None) -> str:
+    """``"HxW"`` of a ``(B, C, H, W)`` shape, with its channels when they differ from ``like``'s."""
+    size = f"{shape[2]}x{shape[3]}"
+    if like is not None and shape[1] != like[1]:
+        size += f" with {shape[1]} channel{'s' if shape[1] != 1 else ''}"
+    return size
+
+
 def _batch_dot(a: Tensor, b: Tensor) -> Tensor:
     """Per-sample inner products of two ``(B, ...)`` tensors, shaped ``(B, 1, ..., 1)`` for broadcasting."""
     return (a * b).flatten(1).sum(1).view(-1, *([1] * (a.dim() - 1)))
@@ -241,6 +249,10 @@ class LinearOperator(abc.ABC):
                     changes[field.name] = value.materialize(device, dtype)
             return dataclasses.replace(self, **changes)
 
+    def describe(self) -> str:
+        """A short description for messages, e.g. ``"SR x2, average pool"`` (subclasses name their parameters)."""
+        return type(self).__name__
+
     def __call__(self, x: Tensor) -> Tensor:
         return self.forward(x)
 
@@ -271,26 +283,61 @@ class Composed(LinearOperator):
     """``outer @ inner``: ``x -> outer(inner(x))``; adjoint ``inner^T(outer^T(y))``; pinv by CG.
 
     Example: a camera model ``AvgPoolSR(4) @ gaussian_blur(...)`` blurs, then downsamples.
+
+    A size that one part refuses raises ValueError naming the caller's size (the image, or the measurement
+    for :meth:`input_shape`), the size in between and the part that failed, with the part's own message
+    inside. ``title``, ``inner_name`` and ``outer_name`` are the words those messages use (a node passes its
+    own display name and input names).
     """
 
     outer: LinearOperator
     inner: LinearOperator
+    title: str = "composed operator"
+    inner_name: str = "the inner operator"
+    outer_name: str = "the outer operator"
 
     def __post_init__(self) -> None:
         for name in ("outer", "inner"):
             if not isinstance(getattr(self, name), LinearOperator):
                 raise TypeError(f"{name} must be a LinearOperator, got {type(getattr(self, name)).__name__}")
 
+    def describe(self) -> str:
+        return f"{self.inner.describe()}, then {self.outer.describe()}"
+
+    def _part(self, which: str) -> tuple[LinearOperator, str]:
+        """The operator ``which`` ("inner" / "outer") and how messages name it."""
+        operator, name = (self.inner, self.inner_name) if which == "inner" else (self.outer, self.outer_name)
+        return operator, f"{name} ({operator.describe()})"
+
+    def _through(self, shape: Shape, *, forward: bool) -> Shape:
+        """``shape`` through both parts: image -> measurement (``forward``, inner first) or back (outer first).
+
+        A part's ValueError is re-raised naming ``shape`` (the caller's size), the size in between and the part.
+        """
+        first, second = ("inner", "outer") if forward else ("outer", "inner")
+        said = f"{self.title}: the {'image' if forward else 'measurement'} is {describe_size(shape)} (H x W)"
+        refuses = "does not accept" if forward else "cannot produce"
+        (first_op, first_name), (second_op, second_name) = self._part(first), self._part(second)
+        try:
+            middle = first_op.output_shape(shape) if forward else first_op.input_shape(shape)
+        except ValueError as e:
+            raise ValueError(f"{said}, which {first_name} {refuses}: {e}") from e
+        try:
+            return second_op.output_shape(middle) if forward else second_op.input_shape(middle)
+        except ValueError as e:
+            raise ValueError(f"{said}; {'after' if forward else 'before'} {first_name} it is "
+                             f"{describe_size(middle, shape)}, which {second_name} {refuses}: {e}") from e
+
     def validate_input_shape(self, shape: Sequence[int]) -> Shape:
-        shape = self.inner.validate_input_shape(shape)
-        self.outer.validate_input_shape(self.inner.output_shape(shape))
+        shape = check_image_shape(shape, "x")
+        self._through(shape, forward=True)
         return shape
 
     def _output_shape(self, shape: Shape) -> Shape:
         return self.outer.output_shape(self.inner.output_shape(shape))
 
     def _input_shape(self, output_shape: Shape) -> Shape:
-        return self.inner.input_shape(self.outer.input_shape(output_shape))
+        return self._through(output_shape, forward=False)
 
     def _forward(self, x: Tensor) -> Tensor:
         return self.outer.forward(self.inner.forward(x))

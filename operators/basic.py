@@ -24,6 +24,9 @@ BT601_WEIGHTS = (0.299, 0.587, 0.114)
 class Identity(LinearOperator):
     """``y = x`` (the denoising task: only the measurement noise degrades the image). A = A^T = A^+ = I."""
 
+    def describe(self) -> str:
+        return "identity"
+
     def _forward(self, x: Tensor) -> Tensor:
         return x
 
@@ -55,6 +58,9 @@ class Grayscale(LinearOperator):
         if shape[1] != len(self.weights):
             raise ValueError(f"colour-to-grey needs {len(self.weights)} channels, got {shape[1]}")
         return shape
+
+    def describe(self) -> str:
+        return "colour to grey"
 
     def _output_shape(self, shape: Shape) -> Shape:
         return (shape[0], 1, shape[2], shape[3])

@@ -145,6 +145,9 @@ class Blur(LinearOperator):
             raise ValueError(f"kernel {kh}x{kw} is larger than the image {shape[2]}x{shape[3]} (H x W)")
         return shape
 
+    def describe(self) -> str:
+        return f"blur, kernel {self.kernel.shape[0]}x{self.kernel.shape[1]}, {self.boundary} boundary"
+
     def _radius(self) -> tuple[int, int]:
         return self.kernel.shape[0] // 2, self.kernel.shape[1] // 2
 

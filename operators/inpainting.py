@@ -2,7 +2,9 @@
 
 **Mask rule (operator side): 1 = known / kept pixel, 0 = missing pixel (to be filled).** Masks are
 binarised at construction: values >= :data:`KEEP_THRESHOLD` count as known. ComfyUI's MASK means the
-opposite (1 = area to inpaint): convert with :func:`keep_mask_from_comfy_mask`.
+opposite (1 = area to inpaint): convert with :func:`keep_mask_from_comfy_mask`, after which a ComfyUI value
+above 0.5 is missing and a value of exactly 0.5 is known, as ComfyUI's own inpainting nodes (VAE Encode for
+Inpainting, InpaintModelConditioning) read it: they round the mask, and 0.5 rounds to 0.
 
 A mask is ``(H, W)``, ``(Bm, H, W)`` or ``(Bm, 1, H, W)``; it applies to every channel, and ``Bm`` must be 1
 (one mask for the whole batch) or the image batch size B.
@@ -37,7 +39,8 @@ def as_mask_batch(mask: Tensor) -> Tensor:
 
 
 def keep_mask_from_comfy_mask(mask: Tensor) -> Tensor:
-    """Convert a ComfyUI MASK (1 = area to inpaint, values in [0, 1]) to our keep-mask: ``1 - mask``."""
+    """Convert a ComfyUI MASK (1 = area to inpaint, values in [0, 1]) to our keep-mask: ``1 - mask`` (so, once
+    binarised, ComfyUI values above 0.5 are missing and 0.5 is known)."""
     return 1.0 - mask
 
 
@@ -67,8 +70,8 @@ def box_mask(height: int, width: int, top: int, left: int, box_height: int, box_
     """
     height, width = check_positive_int(height, "height"), check_positive_int(width, "width")
     box_height, box_width = (
-        check_positive_int(box_height, "box height"),
-        check_positive_int(box_width, "box width"),
+        check_positive_int(box_height, "box_height"),
+        check_positive_int(box_width, "box_width"),
     )
     if top < 0 or left < 0 or top + box_height > height or left + box_width > width:
         raise ValueError(
@@ -87,9 +90,9 @@ def random_mask(
     pixels per sample, chosen uniformly at random (shared by all channels). missing_ratio in [0, 1]."""
     height, width = check_positive_int(height, "height"), check_positive_int(width, "width")
     batch = check_positive_int(batch, "batch")
-    ratio = check_finite_float(missing_ratio, "missing ratio")
+    ratio = check_finite_float(missing_ratio, "missing_ratio")
     if not 0.0 <= ratio <= 1.0:
-        raise ValueError(f"missing ratio {ratio} must be in [0, 1]")
+        raise ValueError(f"missing_ratio {ratio} must be in [0, 1]")
     n = height * width
     n_missing = round(ratio * n)
     device = generator.device if generator is not None else "cpu"
@@ -132,6 +135,9 @@ class Inpainting(LinearOperator):
                 f"mask batch {m_batch} does not match the image batch {shape[0]} (must be 1 or equal)"
             )
         return shape
+
+    def describe(self) -> str:
+        return f"inpainting, mask {self.mask.shape[-2]}x{self.mask.shape[-1]}"
 
     def _forward(self, x: Tensor) -> Tensor:
         return x * self.mask.to(device=x.device, dtype=x.dtype)

@@ -207,6 +207,9 @@ class PaperGaussianBlur(LinearOperator):
         object.__setattr__(self, "sigma", sigma)
         object.__setattr__(self, "threshold", threshold)
 
+    def describe(self) -> str:
+        return f"paper Gaussian blur, kernel {self.kernel_size}, sigma {self.sigma:g}"
+
     def _svd(self, n: int) -> tuple[Tensor, Tensor, Tensor]:
         return paper_gaussian_svd(n, self.kernel_size, self.sigma, self.threshold)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +25,11 @@ BICUBIC_A = -0.5
 
 
 def _check_divisible(shape: Shape, factor: int) -> None:
-    for name, size in (("height", shape[2]), ("width", shape[3])):
+    height, width = shape[2], shape[3]
+    if factor > min(height, width):
+        raise ValueError(f"SR factor {factor} is larger than the image ({height}x{width}, H x W): the image must be "
+                         f"at least {factor}x{factor}, and its sides multiples of {factor}")
+    for name, size in (("height", height), ("width", width)):
         if size % factor:
             raise ValueError(f"{name} {size} is not divisible by the scale factor {factor}")
 
@@ -36,6 +41,7 @@ def _upsample_nearest(y: Tensor, factor: int) -> Tensor:
 @dataclasses.dataclass(frozen=True, eq=False)
 class _IntegerFactorSR(LinearOperator):
     factor: int = PAPER_SR_FACTOR
+    method: ClassVar[str] = "downsampling"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "factor", check_positive_int(self.factor, "scale factor"))
@@ -48,6 +54,9 @@ class _IntegerFactorSR(LinearOperator):
     def _output_shape(self, shape: Shape) -> Shape:
         b, c, h, w = shape
         return (b, c, h // self.factor, w // self.factor)
+
+    def describe(self) -> str:
+        return f"SR x{self.factor}, {self.method}"
 
     def _input_shape(self, output_shape: Shape) -> Shape:
         b, c, h, w = output_shape
@@ -67,6 +76,8 @@ class AvgPoolSR(_IntegerFactorSR):
     ``F.avg_pool2d(x, factor)`` exactly (the official ``sr_avgpool``). ``A A^T = I / f^2``, so the
     pseudo-inverse is closed form: ``A^+ = f^2 A^T``, nearest-neighbour upsampling.
     """
+
+    method: ClassVar[str] = "average pool"
 
     def _forward(self, x: Tensor) -> Tensor:
         return F.avg_pool2d(x, self.factor)
@@ -125,6 +136,8 @@ class BicubicSR(_IntegerFactorSR):
     border. The operator is a Kronecker product of two 1-D matrices of full row rank, so the adjoint and
     the pseudo-inverse ``A_h^+ (x) A_w^+`` are exact (closed form, no CG).
     """
+
+    method: ClassVar[str] = "bicubic"
 
     def _forward(self, x: Tensor) -> Tensor:
         rows, _ = bicubic_matrices(x.shape[-2], self.factor)

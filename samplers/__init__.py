@@ -57,13 +57,14 @@ from .smc import (
     reweight,
     systematic_resample,
 )
-from .types import DataLoss, Denoiser, StepInfo
+from .types import ConfigError, DataLoss, Denoiser, StepInfo
 
 __all__ = [
     "FLOWDPS_SHIFT",
     "AFDPSConfig",
     "AFDPSResult",
     "AFDPSStepInfo",
+    "ConfigError",
     "DataLoss",
     "Denoiser",
     "FlowChefConfig",

@@ -91,7 +91,7 @@ from .smc import (
     uniform_log_weights,
     weights_from_log,
 )
-from .types import Denoiser
+from .types import ConfigError, Denoiser
 
 logger = logging.getLogger(__name__)
 
@@ -187,11 +187,11 @@ class AFDPSConfig:
 
     def __post_init__(self) -> None:
         if self.potential not in POTENTIALS:
-            raise ValueError(f"potential must be one of {POTENTIALS}, got {self.potential!r}")
+            raise ConfigError("potential", f"must be one of {POTENTIALS}", self.potential)
         if self.weights not in WEIGHTINGS:
-            raise ValueError(f"weights must be one of {WEIGHTINGS}, got {self.weights!r}")
+            raise ConfigError("weights", f"must be one of {WEIGHTINGS}", self.weights)
         if self.variant not in VARIANTS:
-            raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
+            raise ConfigError("variant", f"must be one of {VARIANTS}", self.variant)
         exact_gradient = ("noised", "none")
         if self.variant == "ode" and self.potential not in exact_gradient:
             raise ValueError(f"the ODE variant's Langevin corrector needs the exact gradient of mu: potential "
@@ -200,32 +200,32 @@ class AFDPSConfig:
             raise ValueError(f"W1 weights need the exact gradient and Laplacian of mu: potential must be one of "
                              f"{exact_gradient}, got {self.potential!r}")
         if not (math.isfinite(self.corrector_delta) and self.corrector_delta > 0):
-            raise ValueError(f"corrector_delta must be > 0, got {self.corrector_delta!r}")
+            raise ConfigError("corrector_delta", "must be > 0", self.corrector_delta)
         if self.kappa_clip is not None and not (math.isfinite(self.kappa_clip) and self.kappa_clip > 0):
-            raise ValueError(f"kappa_clip must be None or > 0, got {self.kappa_clip!r}")
+            raise ConfigError("kappa_clip", "must be None or > 0", self.kappa_clip)
         if self.kappa_clip is not None and (self.variant != "sde" or self.weights != "W2"):
             raise ValueError(f"kappa_clip needs the SDE variant with W2 weights (any kappa_i is exact only "
                              f"there), got variant {self.variant!r}, weights {self.weights!r}")
         if self.operator_norm2 is not None and not (math.isfinite(self.operator_norm2) and self.operator_norm2 > 0):
-            raise ValueError(f"operator_norm2 must be None or > 0, got {self.operator_norm2!r}")
+            raise ConfigError("operator_norm2", "must be None or > 0", self.operator_norm2)
         if (isinstance(self.corrector_steps, bool) or not isinstance(self.corrector_steps, int)
                 or self.corrector_steps < 0):
-            raise ValueError(f"corrector_steps must be an integer >= 0, got {self.corrector_steps!r}")
+            raise ConfigError("corrector_steps", "must be an integer >= 0", self.corrector_steps)
         if self.resampling not in RESAMPLING_SCHEMES:
-            raise ValueError(f"resampling must be one of {RESAMPLING_SCHEMES}, got {self.resampling!r}")
+            raise ConfigError("resampling", f"must be one of {RESAMPLING_SCHEMES}", self.resampling)
         for name in ("eta_v", "kappa"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
-                raise ValueError(f"{name} must be finite and >= 0, got {value!r}")
+                raise ConfigError(name, "must be finite and >= 0", value)
         if self.gamma2 is not None and not (math.isfinite(self.gamma2) and self.gamma2 > 0):
-            raise ValueError(f"gamma2 must be None or > 0, got {self.gamma2!r}")
+            raise ConfigError("gamma2", "must be None or > 0", self.gamma2)
         if not 0.0 <= self.resample_threshold <= 1.0:
-            raise ValueError(f"resample_threshold must lie in [0, 1], got {self.resample_threshold!r}")
+            raise ConfigError("resample_threshold", "must lie in [0, 1]", self.resample_threshold)
         for name, value in (("gamma_probes", self.gamma_probes), ("chunk_size", self.chunk_size)):
             if value is None and name == "chunk_size":
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+                raise ConfigError(name, "must be an integer >= 1", value)
 
 
 class AFDPSStepInfo(TypedDict):

@@ -37,7 +37,7 @@ from torch import Tensor
 from .flow import noise_from_x0
 from .rng import generator_or_default
 from .schedules import Schedule, check_range, resolve
-from .types import DataLoss, Denoiser, StepInfo
+from .types import ConfigError, DataLoss, Denoiser, StepInfo
 
 __all__ = [
     "FlowChefConfig",
@@ -140,13 +140,13 @@ class FlowDPSConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.dc_steps, bool) or not isinstance(self.dc_steps, int) or self.dc_steps < 1:
-            raise ValueError(f"dc_steps must be an integer >= 1, got {self.dc_steps!r}")
+            raise ConfigError("dc_steps", "must be an integer >= 1", self.dc_steps)
         check_range("step_size", self.step_size, 0.0)
         for name, rules in (("blend", BLEND_RULES), ("noise_mixing", NOISE_RULES)):
             value = getattr(self, name)
             if isinstance(value, str):
                 if value not in rules:
-                    raise ValueError(f"{name} must be one of {rules}, a number or a Schedule; got {value!r}")
+                    raise ConfigError(name, f"must be one of {rules}, a number or a Schedule", value)
             else:
                 check_range(name, value, 0.0, 1.0)
 

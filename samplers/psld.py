@@ -35,7 +35,7 @@ from torch import Tensor
 from .data_term import TensorMap, image_loss
 from .flow import noise_from_x0
 from .schedules import Schedule, check_range, resolve
-from .types import DataLoss
+from .types import ConfigError, DataLoss
 
 __all__ = ["PSLDConfig", "PSLDTerms", "psld_data_term", "psld_objective"]
 
@@ -123,7 +123,7 @@ class PSLDConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or not (math.isfinite(value)
                                                                                       and value >= 0):
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+                raise ConfigError(name, "must be a finite number >= 0", value)
 
     def step_at(self, i: int, n_steps: int) -> float:
         return resolve(self.step_size, i, n_steps)

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .types import ConfigError
+
 __all__ = ["FLOWDPS_SHIFT", "FLOWDPS_T_END", "Schedule", "flowdps_sigmas", "flowdps_times", "resolve"]
 
 FLOWDPS_SHIFT = 4.0
@@ -65,7 +67,7 @@ class Schedule:
     def __post_init__(self) -> None:
         for name, value in (("start", self.start), ("end", self.end)):
             if value is not None and not math.isfinite(value):
-                raise ValueError(f"Schedule.{name} must be finite, got {value!r}")
+                raise ConfigError(name, "must be finite", value, owner="Schedule")
 
     def at(self, i: int, n_steps: int) -> float:
         """Value at step ``i`` of ``n_steps`` (``0 <= i < n_steps``)."""
@@ -92,8 +94,8 @@ def _bounds(value: float | Schedule) -> tuple[float, float]:
 
 
 def check_range(name: str, value: float | Schedule, low: float, high: float = math.inf) -> None:
-    """Raise ``ValueError`` naming ``name`` and ``value`` unless every step's value lies in [low, high]."""
+    """Raise :class:`ConfigError` naming ``name`` and ``value`` unless every step's value lies in [low, high]."""
     lo, hi = _bounds(value)
     if not (math.isfinite(lo) and math.isfinite(hi) and low <= lo and hi <= high):
         interval = f"[{low}, {high}]" if math.isfinite(high) else f">= {low}"
-        raise ValueError(f"{name} must be {interval} at every step, got {value!r}")
+        raise ConfigError(name, f"must be {interval} at every step", value)

@@ -1,4 +1,5 @@
-"""Callable protocols shared by the samplers (what ComfyUI's sampler bridge passes in)."""
+"""Callable protocols shared by the samplers (what ComfyUI's sampler bridge passes in), and the error of a
+config field."""
 
 from __future__ import annotations
 
@@ -6,7 +7,24 @@ from typing import Protocol, TypedDict
 
 from torch import Tensor
 
-__all__ = ["DataLoss", "Denoiser", "StepInfo"]
+__all__ = ["ConfigError", "DataLoss", "Denoiser", "StepInfo"]
+
+
+class ConfigError(ValueError):
+    """A config field breaks its rule: ``"<field> <rule>, got <value>"``.
+
+    ``field`` names the field, so that a caller who fed it from an input of another name (a node's widget) can
+    re-raise :meth:`message` with that name. ``owner`` prefixes the field in this error's own text
+    (``"Schedule.end must be finite, got nan"``).
+    """
+
+    def __init__(self, field: str, rule: str, value: object, *, owner: str = "") -> None:
+        self.field, self.rule, self.value = field, rule, value
+        super().__init__(self.message(f"{owner}.{field}" if owner else field))
+
+    def message(self, name: str) -> str:
+        """The error's text with ``name`` in place of the field."""
+        return f"{name} {self.rule}, got {self.value!r}"
 
 
 class Denoiser(Protocol):

@@ -10,6 +10,11 @@ states the outcome a user must get:
 * ``runs``: a documented automatic fix or a legitimate edge case: the graph succeeds, the outputs have the
   stated shapes and the stated log line appears.
 
+Optional keys shape the graph: ``nodes`` adds nodes (API format, links as ``[node_id, output]``, e.g. the
+two operators a composition takes), ``literals`` replaces inputs of a node with literal values (what an API
+client can send where a link belongs), ``drop_inputs`` removes inputs; ``absent`` lists patterns the error
+message must not contain (an internal name that the message replaced).
+
 Test-only nodes (registered here, never shipped) make images and masks that a PNG cannot hold (NaN, Inf,
 batches, one channel).
 """
@@ -111,6 +116,7 @@ def loaders(g: graphs.GraphBuilder, case: dict) -> tuple[list, list, list, list]
 SAMPLER_DEFAULTS = {
     "FlowDPSSampler": {"dc_steps": 1, "step_size": 15.0, "step_size_end": -1.0, "residual": "auto", "norm": "paper",
                        "sigma_y": 0.015},
+    "FlowChefSampler": {"step_size": 15.0, "residual": "auto", "norm": "paper", "sigma_y": 0.015},
     "AFDPSSampler": {"particles": 2, "variant": "sde", "eta": 1.0, "kappa": 1.0, "ess_threshold": 0.5,
                      "chunk_size": 1, "sigma_y": 0.015, "output": "best"},
 }
@@ -128,6 +134,8 @@ def build(case: dict) -> dict:
     g = graphs.GraphBuilder()
     kind = case["kind"]
     image = image_node(g, case.get("image", {}), "image")
+    for node_id, node in case.get("nodes", {}).items():
+        g.add(node["class_type"], node_id, **node["inputs"])
     op_inputs = dict(case.get("operator_inputs", {}))
     if "mask" in case:
         op_inputs["mask"] = g.add("FlowDPSDevTestMask", "mask", **{"height": SIZE, "width": SIZE, "batch": 1,
@@ -167,6 +175,8 @@ def build(case: dict) -> dict:
     for node_id, names in case.get("drop_inputs", {}).items():
         for name in names:
             del prompt[node_id]["inputs"][name]
+    for node_id, values in case.get("literals", {}).items():
+        prompt[node_id]["inputs"].update(values)
     return prompt
 
 
@@ -198,6 +208,8 @@ def test_catalogue_entry(session, progress, caplog, case):
         assert result.error.node_id == case.get("node", "target"), str(result.error)
         for pattern in case["message"]:
             assert re.search(pattern, result.error.message), (pattern, result.error.message)
+        for pattern in case.get("absent", []):
+            assert not re.search(pattern, result.error.message), (pattern, result.error.message)
         if case.get("before_sampling"):
             assert probe.values == [], f"{case['id']}: {len(probe.values)} sampling steps ran before the error"
         return

@@ -223,6 +223,24 @@ def test_mask_inpaint_uses_comfyuis_mask_convention(comfy, photo):
     torch.testing.assert_close(y[0, 20:], photo[0, 20:], rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("invert", [False, True])
+def test_mask_value_one_half_counts_as_known(comfy, photo, invert):
+    """The cut is at 0.5 and exactly 0.5 is known either way (ComfyUI's inpainting nodes round 0.5 to 0, i.e.
+    keep it); the description says so."""
+    g = GraphBuilder()
+    image = g.add("LoadImage", "load", image=PHOTO).out()
+    mask = g.add("SolidMask", "mask", value=0.5, width=WIDTH, height=HEIGHT).out()
+    op = g.add("FlowDPSOperatorMaskInpaint", "op", mask=mask, invert=invert).out()
+    sim = g.add("FlowDPSSimulateMeasurement", "sim", image=image, operator=op, sigma_y=0.0, seed=0)
+    g.add("SaveImage", "save", images=sim.out(0), filename_prefix="mask_half")
+    result = comfy.run(g.build()).raise_for_error()
+    assert result.output("sim", 1).sum() == 0
+    torch.testing.assert_close(result.output("sim", 0), photo, rtol=0, atol=1e-6)
+    node = schema(comfy, "FlowDPSOperatorMaskInpaint")
+    assert "exactly 0.5 counts as known" in node.description
+    assert ">= 0.5" not in node.description
+
+
 def error_of(comfy, prompt: dict):
     result = comfy.run(prompt, fresh=True)
     assert not result.success
@@ -269,7 +287,7 @@ def test_measurement_of_the_wrong_size_is_refused_by_the_preview(comfy, photo):
     g.add("SaveImage", "save", images=pinv.out(0), filename_prefix="bad_pinv")
     error = error_of(comfy, g.build())
     assert error.node_id == "pinv"
-    assert "measurement (96x64 pixels) does not fit the operator" in error.message
+    assert "measurement (96x64 pixels, W x H) does not fit the operator" in error.message
     assert "mask 32x32 does not match the image 64x96" in error.message
 
 

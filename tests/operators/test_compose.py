@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from flowdps.operators import AvgPoolSR, BicubicSR, Composed, Grayscale, Inpainting, box_mask, gaussian_blur
@@ -55,6 +57,42 @@ def test_validation_reaches_the_outer_operator():
         composed.output_shape((1, 1, 12, 18))
     with pytest.raises(ValueError, match="width 6"):
         composed.forward(torch.zeros(1, 1, 12, 18))
+
+
+def test_size_errors_name_the_callers_size_and_the_part_that_failed():
+    """SR x2 then a 32x32 mask: a 32x32 image is 16x16 when it reaches the mask; the message says so."""
+    composed = Composed(outer=Inpainting(torch.ones(32, 32)), inner=AvgPoolSR(2), title="Compose operators",
+                        inner_name="'first'", outer_name="'then'")
+    expected = ("Compose operators: the image is 32x32 (H x W); after 'first' (SR x2, average pool) it is 16x16, "
+                "which 'then' (inpainting, mask 32x32) does not accept: mask 32x32 does not match the image 16x16")
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        composed.output_shape((1, 3, 32, 32))
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        composed.forward(torch.zeros(1, 3, 32, 32))
+    with pytest.raises(ValueError, match=re.escape("the image is 31x32 (H x W), which 'first' (SR x2, average "
+                                                   "pool) does not accept: height 31 is not divisible")):
+        composed.output_shape((1, 3, 31, 32))
+    with pytest.raises(ValueError, match=re.escape("the measurement is 16x16 (H x W), which 'then' (inpainting, "
+                                                   "mask 32x32) cannot produce: mask 32x32")):
+        composed.input_shape((1, 3, 16, 16))
+
+
+def test_size_errors_name_channels_that_change_and_default_words():
+    twice_grey = Grayscale() @ Grayscale()
+    with pytest.raises(ValueError, match=re.escape(
+            "composed operator: the image is 8x8 (H x W); after the inner operator (colour to grey) it is 8x8 "
+            "with 1 channel, which the outer operator (colour to grey) does not accept: colour-to-grey needs 3")):
+        twice_grey.output_shape((1, 3, 8, 8))
+    with pytest.raises(ValueError, match=re.escape(
+            "the measurement is 8x8 (H x W); before the outer operator (colour to grey) it is 8x8 with 3 channels, "
+            "which the inner operator (colour to grey) cannot produce")):
+        twice_grey.input_shape((1, 1, 8, 8))
+
+
+def test_descriptions_name_each_part():
+    blur_then_pool = AvgPoolSR(4) @ gaussian_blur(5, 1.0, "reflect")
+    assert blur_then_pool.describe() == "blur, kernel 5x5, reflect boundary, then SR x4, average pool"
+    assert (BicubicSR(2) @ Grayscale()).describe() == "colour to grey, then SR x2, bicubic"
 
 
 @pytest.mark.parametrize(

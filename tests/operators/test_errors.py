@@ -28,6 +28,12 @@ CASES = {
         "height 97 is not divisible by the scale factor 4",
     ),
     "width not divisible": (lambda: BicubicSR(3).output_shape((1, 3, 9, 10)), "width 10 is not divisible"),
+    "factor larger than the image": (
+        lambda: AvgPoolSR(64).output_shape((1, 3, 16, 16)),
+        "SR factor 64 is larger than the image (16x16, H x W): the image must be at least 64x64, and its sides "
+        "multiples of 64",
+    ),
+    "factor larger than one side": (lambda: BicubicSR(8).forward(torch.zeros(1, 3, 4, 16)), "at least 8x8"),
     "factor zero": (lambda: AvgPoolSR(0), "scale factor must be >= 1, got 0"),
     "factor float": (lambda: BicubicSR(2.5), "2.5"),
     "kernel larger than image": (
@@ -63,7 +69,8 @@ CASES = {
     "mask nan": (lambda: Inpainting(torch.full((4, 4), math.nan)), "nan"),
     "mask dims": (lambda: Inpainting(torch.ones(1, 3, 4, 4)), "(1, 3, 4, 4)"),
     "box outside": (lambda: box_mask(8, 8, 6, 0, 4, 4), "6..9"),
-    "missing ratio": (lambda: random_mask(8, 8, 1.5), "missing ratio 1.5"),
+    "missing ratio": (lambda: random_mask(8, 8, 1.5), "missing_ratio 1.5"),
+    "missing ratio nan": (lambda: random_mask(8, 8, math.nan), "missing_ratio must be finite"),
     "grey channels": (lambda: Grayscale().forward(torch.zeros(1, 4, 8, 8)), "needs 3 channels, got 4"),
     "grey weights": (lambda: Grayscale((0.0, 0.0, 0.0)), "(0.0, 0.0, 0.0)"),
     "not 4-D": (lambda: AvgPoolSR(2).forward(torch.zeros(3, 8, 8)), "(3, 8, 8)"),

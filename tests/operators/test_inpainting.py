@@ -33,6 +33,13 @@ def test_soft_masks_are_binarised_at_one_half():
     assert op.mask.tolist() == [[[[0.0, 1.0, 1.0]]]]
 
 
+def test_comfy_mask_value_one_half_is_known():
+    """A ComfyUI MASK is missing above 0.5 and known at exactly 0.5 (as ComfyUI's inpainting nodes round it)."""
+    comfy = torch.tensor([[0.4, 0.5, 0.5001, 1.0]])
+    op = Inpainting(keep_mask_from_comfy_mask(comfy))
+    assert op.mask.tolist() == [[[[1.0, 1.0, 0.0, 0.0]]]]
+
+
 def test_random_mask_ratio_and_seed():
     a = random_mask(10, 12, 0.3, torch.Generator().manual_seed(0), batch=3)
     b = random_mask(10, 12, 0.3, torch.Generator().manual_seed(0), batch=3)

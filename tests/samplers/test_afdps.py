@@ -32,6 +32,7 @@ from flowdps.samplers.afdps import (
 from flowdps.samplers.flow import noise_from_x0, velocity_from_x0
 from flowdps.samplers.flowdps import NonFiniteError
 from flowdps.samplers.testing import GaussianMixture, shifted_sigmas
+from flowdps.samplers.types import ConfigError
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -53,6 +54,21 @@ def test_config_defaults_are_the_recommended_configuration():
 def test_config_validation(kwargs):
     with pytest.raises(ValueError, match="must"):
         AFDPSConfig(**kwargs)
+
+
+@pytest.mark.parametrize(("kwargs", "field", "rule"), [
+    ({"eta_v": math.nan}, "eta_v", "must be finite and >= 0"),
+    ({"resample_threshold": math.nan}, "resample_threshold", "must lie in [0, 1]"),
+    ({"chunk_size": 0}, "chunk_size", "must be an integer >= 1"),
+])
+def test_config_errors_name_the_field_for_a_caller_to_rename(kwargs, field, rule):
+    """A node feeding eta_v from its input 'eta' re-raises the message with its own name."""
+    with pytest.raises(ConfigError) as info:
+        AFDPSConfig(**kwargs)
+    value = next(iter(kwargs.values()))
+    assert (info.value.field, info.value.rule) == (field, rule)
+    assert str(info.value) == f"{field} {rule}, got {value!r}"
+    assert info.value.message("the input") == f"the input {rule}, got {value!r}"
 
 
 def test_scalar_pieces():

@@ -4,7 +4,14 @@ import dataclasses
 
 import pytest
 import torch
-from flowdps.samplers import FlowChefConfig, FlowDPSConfig, Schedule, check_sigmas, measurement_loss
+from flowdps.samplers import (
+    ConfigError,
+    FlowChefConfig,
+    FlowDPSConfig,
+    Schedule,
+    check_sigmas,
+    measurement_loss,
+)
 from flowdps.samplers.schedules import FLOWDPS_T_END, flowdps_sigmas, resolve
 from flowdps.samplers.testing import shifted_sigmas
 
@@ -22,6 +29,17 @@ def test_schedule_constant_and_linear():
         ramp.at(6, 6)
     with pytest.raises(ValueError, match="nan"):
         Schedule(float("nan"))
+
+
+def test_schedule_errors_name_the_field():
+    """``Schedule.end`` in its own message; ``end`` for a caller (a node) to rename to its input."""
+    with pytest.raises(ConfigError, match=r"^Schedule\.end must be finite, got nan$") as info:
+        Schedule(15.0, float("nan"))
+    assert info.value.field == "end"
+    assert info.value.message("step_size_end") == "step_size_end must be finite, got nan"
+    with pytest.raises(ConfigError, match=r"^step_size must be >= 0.0 at every step, got -1.0$") as info:
+        FlowDPSConfig(step_size=-1.0)
+    assert info.value.field == "step_size"
 
 
 def test_defaults_are_the_papers():
