@@ -19,6 +19,16 @@ HEADER = """# Nodes
 
 Every node of comfyui-flowdps with its inputs (in the editor's order), defaults and outputs. Generated from the
 node schemas by `python -m flowdps_dev.nodes_doc`; do not edit by hand (`tests/test_nodes_doc.py` checks it).
+
+**Against the official FlowDPS code.** The defaults are the official ones (28 steps on the official noise grid,
+CFG 2, shift 4, K = 3, step 15, the un-squared norm, the official residual per operator with `residual = auto`,
+the encoded empty prompt as negative). Deliberately different: gradients through a float32 copy of the decoder
+(the official code casts to float16, which moves its output by 5e-4 to 2e-3); shift 4 applied to the model
+whatever diffusers version is installed (the official assignment only works with the version it pins); the
+samplers' noise drawn from a seed derived from the node seed, never the stream of ComfyUI's initial noise (the
+official code uses one global stream); exact adjoints everywhere, with `auto` reproducing the official
+identity "adjoint" of motion and kernel blurs as the measurement residual; PSLD's encoder takes the posterior
+mean, not a sample; `Simulate measurement` clips to [0, 1] unless `clip` is off. README.md explains each.
 """
 
 

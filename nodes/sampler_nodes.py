@@ -217,4 +217,5 @@ class FlowDPSSigmas(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, steps) -> io.NodeOutput:
+        check_links(cls, model=model)
         return io.NodeOutput(flowdps_grid(model.get_model_object("model_sampling"), int(steps)))
