@@ -80,7 +80,7 @@ import torch
 from torch import Tensor
 
 from .flow import noise_from_x0
-from .flowdps import NonFiniteError, check_sigmas, fresh_noise
+from .loop import NonFiniteError, batch_view, check_sigmas, compute_dtype, fresh_noise
 from .rng import generator_or_default
 from .smc import (
     RESAMPLING_SCHEMES,
@@ -247,11 +247,6 @@ class AFDPSStepInfo(TypedDict):
     log_weights: Tensor
 
 
-def _batch_view(w: Tensor, like: Tensor) -> Tensor:
-    """(P,) -> (P, 1, ..., 1) broadcasting against ``like: (P, ...)``, in ``like``'s dtype."""
-    return w.to(like.dtype).reshape(-1, *([1] * (like.ndim - 1)))
-
-
 @dataclass(frozen=True, eq=False)
 class AFDPSResult:
     """The weighted ensemble at ``s = 0`` and its summaries.
@@ -315,14 +310,14 @@ class AFDPSResult:
     @property
     def image_std(self) -> Tensor:
         """(1, ...) per-pixel weighted standard deviation of the decoded particles (posterior uncertainty)."""
-        x = self.images.to(torch.promote_types(self.images.dtype, torch.float32))
+        x = self.images.to(compute_dtype(self.images.dtype))
         mean = self._weighted_mean(x)
-        var = (_batch_view(self.weights, x) * (x - mean).square()).sum(0, keepdim=True)
+        var = (batch_view(self.weights.to(x.dtype), x) * (x - mean).square()).sum(0, keepdim=True)
         return var.sqrt().to(self.images.dtype)
 
     def _weighted_mean(self, x: Tensor) -> Tensor:
-        work = x.to(torch.promote_types(x.dtype, torch.float32))
-        return (_batch_view(self.weights, work) * work).sum(0, keepdim=True).to(x.dtype)
+        work = x.to(compute_dtype(x.dtype))
+        return (batch_view(self.weights.to(work.dtype), work) * work).sum(0, keepdim=True).to(x.dtype)
 
 
 # --- small pure pieces -----------------------------------------------------------------------------------
@@ -368,7 +363,7 @@ def estimate_jacobian_norm2(fn: TensorMap, u0: Tensor, *, n_iter: int = 8, seed:
                             rel_eps: float = 1e-3) -> float:
     """``||J||_2^2`` of ``fn`` at ``u0: (1, ...)`` by power iteration on ``J^T J``: ``J v`` by a central
     difference, ``J^T`` by autograd (exact for a linear ``fn``). Deterministic (private generator)."""
-    work = torch.promote_types(u0.dtype, torch.float32)
+    work = compute_dtype(u0.dtype)
     g = torch.Generator(device=u0.device).manual_seed(seed)
     with torch.inference_mode(False):
         u0 = u0.detach().clone().to(work)
@@ -519,7 +514,7 @@ def residual_value_and_grad(u: Tensor, residual: TensorMap, chunk_size: int | Ad
     ``u``'s working dtype, or ``None`` when ``need_grad`` is false, which runs under ``no_grad``). An
     :class:`AdaptiveChunk` halves its size when a chunk runs out of memory.
     """
-    work = torch.promote_types(u.dtype, torch.float32)
+    work = compute_dtype(u.dtype)
     chunks = chunk_size if isinstance(chunk_size, AdaptiveChunk) else AdaptiveChunk(chunk_size)
 
     def one(part: Tensor) -> tuple[Tensor, Tensor | None]:
@@ -602,7 +597,7 @@ def sample_afdps(denoise: Denoiser, z: Tensor, sigmas: Tensor, *, forward: Tenso
                          "pixel space (decode=None); use W2 for latents")
     generator = generator_or_default(generator, z.device)
     n_steps, n_particles = len(levels) - 1, z.shape[0]
-    work = torch.promote_types(z.dtype, torch.float32)
+    work = compute_dtype(z.dtype)
     if y is not None:
         if y.ndim < 1 or y.shape[0] != 1:
             raise ValueError(f"y must be one measurement with a batch dimension of 1, got shape {tuple(y.shape)}")
@@ -800,7 +795,7 @@ def sample_afdps(denoise: Denoiser, z: Tensor, sigmas: Tensor, *, forward: Tenso
     if decode is None:
         images = x
     else:                                   # quarantined particles: zero images too (weight 0, finite sums)
-        images = torch.where(_batch_view(torch.isfinite(logw), images).bool(), images, torch.zeros_like(images))
+        images = torch.where(batch_view(torch.isfinite(logw), images), images, torch.zeros_like(images))
     return AFDPSResult(particles=x.to(z.dtype), log_weights=logw, images=images.to(z.dtype),
                        ess=torch.tensor(ess_trace, dtype=torch.float64), n_resampled=int(n_resampled),
                        log_evidence=float(log_evidence), sample_index=sample_index,

@@ -30,7 +30,7 @@ from flowdps.samplers.afdps import (
     tweedie_gain,
 )
 from flowdps.samplers.flow import noise_from_x0, velocity_from_x0
-from flowdps.samplers.flowdps import NonFiniteError
+from flowdps.samplers.loop import NonFiniteError
 from flowdps.samplers.testing import GaussianMixture, shifted_sigmas
 
 pytestmark = pytest.mark.usefixtures("single_thread")
