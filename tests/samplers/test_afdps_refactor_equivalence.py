@@ -1,12 +1,13 @@
-"""Fingerprints of sample_afdps on one small problem per path, before its restructuring (issue 16).
+"""AFDPS as one loop over potentials, moves and weightings (issue 16) gives the numbers of the sampler it replaced.
 
-``sample_afdps`` is about to become one short loop over potentials, moves and weightings chosen by table. Its
-outputs must not change: the restructured code is checked bit for bit against this implementation on a grid of
-1680 configurations (a script kept outside the repository, with its reference outputs in a temporary file).
-This file keeps a fingerprint of one small float64 run per path (variant x potential x weights x pixel /
-linear / tanh decoder, the kappa clip, both resampling schemes, prior sampling), recorded from this
-implementation (commit ef04d84), compared to 1e-9 relative (not bit for bit, so that another CPU's float64
-kernels cannot fail it), and checks that the chunk size only changes rounding.
+The loop of ``samplers/afdps.py`` drives small objects chosen by table (``afdps_potentials.py``,
+``afdps_moves.py``, ``afdps_research.py``). When it replaced the single ~250-line function, its outputs
+(particles, log-weights, images, ESS and kappa traces, evidence, sample index, callback payloads) were checked
+bit for bit against that function on 1680 configurations (variant x potential x weights x pixel / linear /
+tanh decoder x kappa clip x chunk size x resampling scheme x dtype, plus prior runs, NaN quarantine and
+out-of-memory retries). This file keeps a fingerprint of one small float64 run per path through the loop,
+recorded from the previous implementation (commit ef04d84), compared to 1e-9 relative (not bit for bit, so that
+another CPU's float64 kernels cannot fail it), and checks that the chunk size only changes rounding.
 """
 
 import math
