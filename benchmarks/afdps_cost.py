@@ -11,7 +11,7 @@ SD3 VAE at 64 px), SR x4:
 1. the per-step time of ``AFDPSSampler`` with P particles and ``chunk_size`` 1, as a multiple of the per-step
    time of ``FlowDPSSampler`` (K = 3 decoder gradients per step) in the same run, split into transformer
    (the ``denoise`` callable: ComfyUI's CFG model call, one batched call on all P particles) and decoder
-   forward + VJP (``samplers.afdps.residual_value_and_grad``: P per step, ``chunk_size`` at a time);
+   forward + VJP (``samplers.afdps_potentials.residual_value_and_grad``: P per step, ``chunk_size`` at a time);
 2. the peak memory of sampling with ``chunk_size`` 1 against ``chunk_size`` P (all particles at once).
 
 Every configuration runs in its own worker process (the graph of ``step_time_split.py`` with the sampler
@@ -192,8 +192,9 @@ def install(recorder: sts.Recorder, saved: SavedBytes, memory: dict) -> None:
     flowdps = sts.pack_module("samplers/flowdps.py")
     sampling.sample_flow_posterior = memory_marks_flow_posterior(sampling.sample_flow_posterior, memory)
     flowdps.data_gradient = timed_data_loss_saved(flowdps.data_gradient, saved)
-    afdps = sts.pack_module("samplers/afdps.py")
-    afdps.residual_value_and_grad = timed_residual_value_and_grad(afdps.residual_value_and_grad, recorder, saved)
+    potentials = sts.pack_module("samplers/afdps_potentials.py")
+    potentials.residual_value_and_grad = timed_residual_value_and_grad(potentials.residual_value_and_grad, recorder,
+                                                                       saved)
     nodes = sts.pack_module("nodes/afdps_nodes.py")
     nodes.sample_afdps = timed_sample_afdps(nodes.sample_afdps, recorder, memory)
 

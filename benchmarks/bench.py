@@ -310,8 +310,8 @@ def install_split_timers(rec: Recorder, saved: afc.SavedBytes, memory: dict) -> 
     afdps_nodes.sample_afdps = wrap_sampler(afdps_nodes.sample_afdps)
     flowdps = sts.pack_module("samplers/flowdps.py")
     flowdps.data_gradient = timed(flowdps.data_gradient, counted)
-    afdps = sts.pack_module("samplers/afdps.py")
-    afdps.residual_value_and_grad = timed(afdps.residual_value_and_grad, counted)
+    potentials = sts.pack_module("samplers/afdps_potentials.py")
+    potentials.residual_value_and_grad = timed(potentials.residual_value_and_grad, counted)
 
 
 def sampling_graph(run: Run) -> dict:

@@ -38,14 +38,12 @@ from .flow import (
 from .flowdps import (
     FlowChefConfig,
     FlowDPSConfig,
-    NonFiniteError,
     PosteriorUpdate,
-    check_sigmas,
     data_consistency,
     data_gradient,
-    fresh_noise,
     sample_flow_posterior,
 )
+from .loop import NonFiniteError, check_sigmas, fresh_noise
 from .psld import PSLDConfig, PSLDTerms, psld_data_term, psld_objective
 from .schedules import FLOWDPS_SHIFT, Schedule, flowdps_sigmas
 from .smc import (

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from .loop import batch_view
+
 __all__ = [
     "interpolate",
     "noise_from_velocity",
@@ -28,7 +30,7 @@ __all__ = [
 def _per_sample(sigma: float | Tensor, z: Tensor) -> float | Tensor:
     """Reshape a ``(B,)`` sigma to ``(B, 1, ..., 1)`` so it broadcasts against ``z: (B, ...)``."""
     if isinstance(sigma, Tensor) and sigma.ndim == 1 and z.ndim > 1:
-        return sigma.reshape(-1, *([1] * (z.ndim - 1)))
+        return batch_view(sigma, z)
     return sigma
 
 

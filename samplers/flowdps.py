@@ -25,7 +25,6 @@ so each sample gets the gradient of its own loss. Every step's result is cast ba
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ import torch
 from torch import Tensor
 
 from .flow import noise_from_x0
+from .loop import check_finite, check_sigmas, compute_dtype, fresh_noise
 from .rng import generator_or_default
 from .schedules import Schedule, check_range, resolve
 from .types import ConfigError, DataLoss, Denoiser, StepInfo
@@ -42,18 +42,11 @@ from .types import ConfigError, DataLoss, Denoiser, StepInfo
 __all__ = [
     "FlowChefConfig",
     "FlowDPSConfig",
-    "NonFiniteError",
     "PosteriorUpdate",
-    "check_sigmas",
     "data_consistency",
     "data_gradient",
-    "fresh_noise",
     "sample_flow_posterior",
 ]
-
-def _grad_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float32 for half/bfloat16/float32 inputs; float64 stays float64."""
-    return torch.promote_types(dtype, torch.float32)
 
 
 def data_gradient(z0: Tensor, data_loss: DataLoss) -> Tensor:
@@ -64,7 +57,7 @@ def data_gradient(z0: Tensor, data_loss: DataLoss) -> Tensor:
     depend on ``z0`` (e.g. ``torch.zeros(B)``) has gradient zero.
     """
     with torch.inference_mode(False), torch.enable_grad():
-        u = z0.detach().clone().to(_grad_dtype(z0.dtype)).requires_grad_(True)
+        u = z0.detach().clone().to(compute_dtype(z0.dtype)).requires_grad_(True)
         loss = data_loss(u)
         if tuple(loss.shape) != (u.shape[0],):
             raise ValueError(f"data_loss must return one value per sample, shape ({u.shape[0]},); "
@@ -83,16 +76,10 @@ def data_consistency(z0: Tensor, data_loss: DataLoss, *, step_size: float, n_ste
     """
     if step_size == 0 or n_steps == 0:
         return z0
-    u = z0.to(_grad_dtype(z0.dtype))
+    u = z0.to(compute_dtype(z0.dtype))
     for _ in range(n_steps):
         u = u - step_size * data_gradient(u, data_loss)
     return u.to(z0.dtype)
-
-
-def fresh_noise(like: Tensor, generator: torch.Generator) -> Tensor:
-    """``xi ~ N(0, I)`` shaped like ``like``: ``torch.randn(shape, generator=generator, device=like.device,
-    dtype=torch.float32)`` cast to ``like``'s dtype, so a seed gives the same noise for every dtype."""
-    return torch.randn(like.shape, generator=generator, device=like.device, dtype=torch.float32).to(like.dtype)
 
 
 class PosteriorUpdate(Protocol):
@@ -202,46 +189,10 @@ class FlowChefConfig:
         return z_next - correction, z0 - correction
 
 
-def check_sigmas(sigmas: Tensor) -> list[float]:
-    """Validate a noise schedule and return it as Python floats.
-
-    sigmas: 1-D, at least 2 values in [0, 1] (up to 1e-4 above 1 is taken as 1, for rounding), non-increasing,
-    with only the last value allowed to be 0 (no step starts at ``s = 0``).
-    """
-    if not isinstance(sigmas, Tensor) or sigmas.ndim != 1 or sigmas.numel() < 2:
-        shape = tuple(sigmas.shape) if isinstance(sigmas, Tensor) else type(sigmas).__name__
-        raise ValueError(f"sigmas must be a 1-D tensor with at least 2 values, got {shape}")
-    levels = sigmas.detach().double().cpu().tolist()
-    shown = "[" + ", ".join(f"{s:.6g}" for s in levels) + "]"
-    if not all(math.isfinite(s) and 0.0 <= s <= 1.0 + 1e-4 for s in levels):
-        raise ValueError(f"sigmas must lie in [0, 1], got {shown}")
-    if any(b > a for a, b in itertools.pairwise(levels)):
-        raise ValueError(f"sigmas must be non-increasing, got {shown}")
-    if levels[-2] <= 0.0:
-        raise ValueError(f"only the last sigma may be 0, got {shown}")
-    return [min(s, 1.0) for s in levels]
-
-
 def _checked(z0: Tensor, z: Tensor) -> Tensor:
     if z0.shape != z.shape:
         raise ValueError(f"denoise returned {tuple(z0.shape)} for z of shape {tuple(z.shape)}")
     return z0
-
-
-class NonFiniteError(ValueError):
-    """A sampling step produced NaN or Inf values; the message names the step and where they appeared."""
-
-
-def check_finite(x: Tensor, what: str, step: int, n_steps: int, sigma: float) -> Tensor:
-    """``x`` unchanged, or :class:`NonFiniteError` naming the step (1-based), its sigma and the batch items."""
-    finite = torch.isfinite(x.detach()).reshape(x.shape[0], -1).all(1)
-    if not bool(finite.all()):
-        bad = [int(j) for j in torch.nonzero(~finite).flatten()]
-        raise NonFiniteError(
-            f"step {step + 1} of {n_steps} (sigma {sigma:.4g}): {what} has NaN or Inf values in batch item(s) "
-            f"{bad}; the run is stopped. Usual causes: a step size too large for the image size, or a model or "
-            f"VAE in a precision that overflows (try float32 or a smaller step size).")
-    return x
 
 
 def sample_flow_posterior(denoise: Denoiser, z: Tensor, sigmas: Tensor, data_loss: DataLoss,
@@ -283,7 +234,7 @@ def sample_flow_posterior(denoise: Denoiser, z: Tensor, sigmas: Tensor, data_los
         sigma, sigma_next = levels[i], levels[i + 1]
         if needs_graph is not None and needs_graph(i, n_steps):
             with torch.inference_mode(False), torch.enable_grad():
-                z_leaf = z.detach().clone().to(_grad_dtype(z.dtype)).requires_grad_(True)
+                z_leaf = z.detach().clone().to(compute_dtype(z.dtype)).requires_grad_(True)
                 z0 = _checked(denoise(z_leaf, z_leaf.new_full((batch,), sigma)), z)
                 check_finite(z0, "the model's prediction", i, n_steps, sigma)
                 z_next, denoised = config.update(z_leaf, z0, sigma, sigma_next, i=i, n_steps=n_steps,

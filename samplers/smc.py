@@ -26,6 +26,8 @@ import math
 import torch
 from torch import Tensor
 
+from .loop import batch_view
+
 __all__ = [
     "RESAMPLING_SCHEMES",
     "effective_sample_size",
@@ -99,8 +101,7 @@ def quarantine(logw: Tensor, particles: Tensor) -> tuple[Tensor, Tensor]:
     if not bool(bad.any()):
         return logw, particles
     logw = torch.where(bad, torch.full_like(logw, -math.inf), logw)
-    mask = bad.reshape(-1, *([1] * (particles.ndim - 1)))
-    return logw, torch.where(mask, torch.zeros_like(particles), particles)
+    return logw, torch.where(batch_view(bad, particles), torch.zeros_like(particles), particles)
 
 
 def reweight(logw: Tensor, increment: Tensor) -> tuple[Tensor, float]:

@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 from flowdps.samplers.afdps import (
     AFDPSConfig,
-    adjoint_apply,
     clipped_kappa,
     estimate_gamma2,
     estimate_jacobian_norm2,
@@ -21,16 +20,15 @@ from flowdps.samplers.afdps import (
     langevin_move,
     langevin_step_size,
     noise_variance,
-    noised_potential_rate,
-    reaction_rate,
     reference_mean,
     residual_value_and_grad,
     sample_afdps,
     tempered_variance,
     tweedie_gain,
 )
+from flowdps.samplers.afdps_research import adjoint_apply, noised_potential_rate, reaction_rate
 from flowdps.samplers.flow import noise_from_x0, velocity_from_x0
-from flowdps.samplers.flowdps import NonFiniteError
+from flowdps.samplers.loop import NonFiniteError
 from flowdps.samplers.testing import GaussianMixture, shifted_sigmas
 from flowdps.samplers.types import ConfigError
 
@@ -563,7 +561,7 @@ def test_out_of_memory_halves_the_chunk_and_keeps_the_result(caplog):
     reference = sample_afdps(PRIOR.denoise, z, shifted_sigmas(4, 3.0), decode=lambda u: u * 1.0,
                              config=AFDPSConfig(chunk_size=8), generator=torch.Generator().manual_seed(1), **common)
     decoder = OOMAbove(limit=2)
-    with caplog.at_level("WARNING", logger="flowdps.samplers.afdps"):
+    with caplog.at_level("WARNING", logger="flowdps.samplers.afdps_potentials"):
         res = sample_afdps(PRIOR.denoise, z, shifted_sigmas(4, 3.0), decode=decoder,
                            config=AFDPSConfig(chunk_size=8), generator=torch.Generator().manual_seed(1), **common)
     torch.testing.assert_close(res.particles, reference.particles)

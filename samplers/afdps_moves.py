@@ -1,0 +1,227 @@
+"""AFDPS moves and their weights: how the particles go from one noise level to the next (pure PyTorch).
+
+Per step ``s = s_i -> s' = s_{i+1}``, ``dt = s - s' > 0``, ``V^2 = 2 eta_v s`` (afdps.md §2.5)::
+
+    z0_hat = denoise(z, s);   eps_hat = (z - (1 - s) z0_hat) / s                    (eps_hat = z at s = 1)
+    m_ref = z + dt (z0_hat - (1 + eta_v) eps_hat)        # Euler-Maruyama mean of the prior reverse SDE
+    m_g   = m_ref - dt kappa V^2 g                        # guided proposal mean, g ~ grad mu_s(z)
+    z'    = m_g + V sqrt(dt) xi,  xi ~ N(0, I)
+    log w += mu_s(z) - mu_s'(z') + kappa V sqrt(dt) g.xi - kappa^2 V^2 dt |g|^2 / 2       (W2)
+
+* :class:`GuidedEulerMaruyama` (AFDPS-SDE): the guided move above; its :class:`Move` carries the Girsanov term
+  ``log K_ref(z' | z) / K_g(z' | z)`` (the last two terms). Stiffness (afdps.md §2.5 remedy ii): with
+  ``kappa_clip = c`` the guidance factor of the step is ``kappa_i = min(kappa, c / (dt V^2 L_i))``, ``L_i`` the
+  potential's Lipschitz estimate. W2 uses the actual proposal, so any ``kappa_i`` keeps the weights exact; the
+  clip only removes the overshoot of the explicit guidance step when ``sigma_y`` is small.
+* :class:`ProbabilityFlowEuler` + :class:`LangevinCorrector` (AFDPS-ODE): the Euler probability-flow predictor
+  ``z' = z - dt v`` (no guidance, no noise; W2 weight ``mu_s(z) - mu_s'(z')``), then after the weight update
+  ``steps`` unadjusted Langevin steps at ``s'`` on ``p_s' exp(-mu_s')`` with the Tweedie score
+  ``-eps_hat / s'`` and the exact ``grad mu_s'`` (no weight change). One extra denoiser call per corrector step.
+* :class:`TwistedWeights` (W2): the exact SMC weight of the Euler-Maruyama prior chain tilted by ``exp(-mu_0)``
+  at the end, for any proposal gradient and any intermediate potentials (afdps.md App. B).
+
+A :class:`Level` is the particles at one noise level with their denoised estimate, potential and gradient.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar, NamedTuple, Protocol
+
+import torch
+from torch import Tensor
+
+from .afdps_potentials import ParticleSpace, Potential
+from .flow import noise_from_x0
+from .loop import fresh_noise
+
+__all__ = [
+    "GuidedEulerMaruyama",
+    "LangevinCorrector",
+    "Level",
+    "Move",
+    "ProbabilityFlowEuler",
+    "Proposal",
+    "StatelessWeights",
+    "TwistedWeights",
+    "Weighting",
+    "clipped_kappa",
+    "girsanov_log_ratio",
+    "langevin_move",
+    "langevin_step_size",
+    "noise_variance",
+    "reference_mean",
+]
+
+
+class Level(NamedTuple):
+    """The particles at one noise level ``s`` and what the weights and the next move need."""
+
+    x: Tensor
+    """(P, ...) particles at ``s`` (the sampler's work dtype)."""
+    x0: Tensor
+    """(P, ...) their denoised estimate ``z0_hat`` (the particles themselves at ``s = 0``)."""
+    mu: Tensor
+    """(P,) float64 potential ``mu_s(x)``."""
+    g: Tensor
+    """(P, ...) proposal gradient at ``x``."""
+
+
+class Move(NamedTuple):
+    """What a proposal did, as the weights need it."""
+
+    x: Tensor
+    """(P, ...) the moved particles at the next level."""
+    v2: float
+    """The noise variance ``V^2`` of the move (0 for a deterministic one)."""
+    kappa: float | None
+    """Guidance factor of a guided move; ``None`` for an unguided one."""
+    log_ratio: Tensor | None
+    """(P,) float64 ``log K_ref(z' | z) / K_g(z' | z)`` of a stochastic guided move (W2's Girsanov term);
+    ``None`` when the move is the reference kernel itself."""
+
+
+# --- small pure pieces -----------------------------------------------------------------------------------
+
+def noise_variance(sigma: float, eta_v: float) -> float:
+    """``V^2 = 2 eta_v s``: the reverse-SDE noise variance per unit ``s`` (afdps.md §2.2)."""
+    return 2.0 * eta_v * sigma
+
+
+def reference_mean(z: Tensor, z0_hat: Tensor, sigma: float, step: float, eta_v: float) -> Tensor:
+    """Euler-Maruyama mean of the prior reverse SDE with ``V^2 = 2 eta_v s`` over ``dt = step > 0``:
+    ``z + dt (z0_hat - (1 + eta_v) eps_hat)`` with ``eps_hat = (z - (1 - s) z0_hat) / s`` (needs ``s > 0``).
+
+    (``= z + dt c_H``, ``c_H = -v - (V^2 / 2s) eps_hat``, afdps.md §2.2.) z, z0_hat: (P, ...)."""
+    eps_hat = noise_from_x0(z, z0_hat, sigma)
+    return z + step * (z0_hat - (1.0 + eta_v) * eps_hat)
+
+
+def girsanov_log_ratio(g: Tensor, xi: Tensor, noise_std: float, kappa: float) -> Tensor:
+    """``log K_ref(z' | z) / K_g(z' | z) = kappa V sqrt(dt) g.xi - kappa^2 V^2 dt |g|^2 / 2`` per particle.
+
+    g, xi: (P, ...) the proposal gradient and the move's standard normal noise; ``noise_std = V sqrt(dt)``.
+    Returns (P,) float64 (afdps.md App. B: the proposal mean is the reference mean minus ``kappa V^2 dt g``).
+    """
+    g64 = g.reshape(g.shape[0], -1).to(torch.float64)
+    xi64 = xi.reshape(xi.shape[0], -1).to(torch.float64)
+    a = kappa * noise_std
+    return a * (g64 * xi64).sum(1) - 0.5 * a * a * g64.square().sum(1)
+
+
+def clipped_kappa(kappa: float, clip: float | None, step: float, v2: float, lipschitz: float) -> float:
+    """``min(kappa, clip / (dt V^2 L))`` (afdps.md §2.5 stiffness remedy ii); ``kappa`` without a clip."""
+    if clip is None or step * v2 * lipschitz <= 0:
+        return kappa
+    return min(kappa, clip / (step * v2 * lipschitz))
+
+
+def langevin_step_size(sigma: float, lipschitz: float, delta: float) -> float:
+    """ULA step ``h = min(delta s^2, 0.25 / (Lip + 1 / s^2))`` at level ``s > 0`` (afdps.md §2.5)."""
+    return min(delta * sigma**2, 0.25 / (lipschitz + 1.0 / sigma**2))
+
+
+def langevin_move(z: Tensor, z0_hat: Tensor, grad_mu: Tensor, sigma: float, h: float, xi: Tensor) -> Tensor:
+    """One ULA step on ``p_s exp(-mu_s)``: ``z + h (score - grad mu) + sqrt(2 h) xi`` with the score
+    ``-(z - (1 - s) z0_hat) / s^2`` (Tweedie). z, z0_hat, grad_mu, xi: (P, ...)."""
+    score = -noise_from_x0(z, z0_hat, sigma) / sigma
+    return z + h * (score - grad_mu) + math.sqrt(2 * h) * xi
+
+
+# --- moves -----------------------------------------------------------------------------------------------
+
+class Proposal(Protocol):
+    """A move of every particle from ``sigma`` to ``sigma_next < sigma``."""
+
+    def __call__(self, level: Level, sigma: float, sigma_next: float, potential: Potential,
+                 generator: torch.Generator) -> Move: ...
+
+
+@dataclass(frozen=True)
+class GuidedEulerMaruyama:
+    """AFDPS-SDE: one guided Euler-Maruyama step of the prior reverse SDE (module docstring)."""
+
+    eta_v: float
+    kappa: float
+    kappa_clip: float | None = None
+
+    def __call__(self, level: Level, sigma: float, sigma_next: float, potential: Potential,
+                 generator: torch.Generator) -> Move:
+        step = sigma - sigma_next
+        v2 = noise_variance(sigma, self.eta_v)
+        noise_std = math.sqrt(v2 * step)
+        kappa = self.kappa if self.kappa_clip is None else clipped_kappa(
+            self.kappa, self.kappa_clip, step, v2, potential.lipschitz(level.x0, sigma))
+        xi = fresh_noise(level.x, generator)
+        m_ref = reference_mean(level.x, level.x0, sigma, step, self.eta_v)
+        x = m_ref - kappa * v2 * step * level.g + noise_std * xi
+        return Move(x, v2, kappa, girsanov_log_ratio(level.g, xi, noise_std, kappa))
+
+
+@dataclass(frozen=True)
+class ProbabilityFlowEuler:
+    """AFDPS-ODE predictor: ``z' = z - dt v``, deterministic and unguided."""
+
+    def __call__(self, level: Level, sigma: float, sigma_next: float, potential: Potential,
+                 generator: torch.Generator) -> Move:
+        return Move(reference_mean(level.x, level.x0, sigma, sigma - sigma_next, 0.0), 0.0, None, None)
+
+
+@dataclass(frozen=True)
+class LangevinCorrector:
+    """AFDPS-ODE corrector: ``steps`` ULA steps at level ``sigma`` on ``p_s exp(-mu_s)``, step size
+    :func:`langevin_step_size` with ``delta`` and the potential's Lipschitz estimate; no weight change."""
+
+    steps: int
+    delta: float
+
+    def __call__(self, level: Level, sigma: float, potential: Potential,
+                 at_level: Callable[[Tensor, float], Level], generator: torch.Generator) -> Level:
+        """``at_level(x, sigma)``: the particles ``x`` with their denoised estimate and potential."""
+        h = langevin_step_size(sigma, potential.lipschitz(level.x0, sigma), self.delta)
+        for _ in range(self.steps):
+            xi = fresh_noise(level.x, generator)
+            level = at_level(langevin_move(level.x, level.x0, level.g, sigma, h, xi), sigma)
+        return level
+
+
+# --- weights ---------------------------------------------------------------------------------------------
+
+class Weighting(Protocol):
+    """A weighting scheme: the log-weight increment of a move and what the accumulated ``log Z`` means."""
+
+    weighted: ClassVar[bool]
+    """False: no weights at all (no reweighting, no resampling, no evidence)."""
+
+    def increment(self, before: Level, after: Level, move: Move, sigma: float, step: float) -> Tensor:
+        """(P,) log-weight increment of the move ``before`` (at ``sigma``) -> ``after`` (``dt = step``)."""
+        ...
+
+    def log_evidence(self, log_z: float, potential: Potential) -> float:
+        """``log p(y)`` from the accumulated SMC estimate ``log_z`` (nan when the scheme gives none)."""
+        ...
+
+
+class StatelessWeights:
+    """A weighting that needs nothing of the problem: ``build`` ignores it."""
+
+    @classmethod
+    def build(cls, potential: Potential, space: ParticleSpace) -> Weighting:
+        """The weighting for this potential and particle space."""
+        return cls()
+
+
+@dataclass(frozen=True)
+class TwistedWeights(StatelessWeights):
+    """W2: ``mu_s(z) - mu_s'(z')`` plus the move's Girsanov term (exact for the discretised prior)."""
+
+    weighted: ClassVar[bool] = True
+
+    def increment(self, before: Level, after: Level, move: Move, sigma: float, step: float) -> Tensor:
+        incr = before.mu - after.mu
+        return incr if move.log_ratio is None else incr + move.log_ratio
+
+    def log_evidence(self, log_z: float, potential: Potential) -> float:
+        return log_z - potential.log_normalizer
