@@ -25,14 +25,14 @@ The derivations are in ``docs/exact_gaussian_problems.md``. Summary:
     (or the identity) with any prior (Fourier x colour basis); a spatially white prior with inpainting
     (per pixel) or with average-pool super-resolution (per block);
   - ``"dense"``: code dimension <= :data:`DENSE_MAX`: the precision matrix, Cholesky (exact to rounding);
-  - ``"cg"``: preconditioned conjugate gradients in the prior-whitened variable ``u`` (``z = m + C^{1/2} u``),
-    ``H u = b`` with ``H = I + C^{1/2} D^T A^T A D C^{1/2} / sigma_y^2`` (eigenvalues >= 1), preconditioned by
-    the Fourier-diagonal approximation ``I + lambda beta / sigma_y^2``, ``beta`` the Fourier diagonal of
-    ``A^T A`` (exact for circular blurs, ``|T|^2``; exact per axis for the separable SR operators; the mask's
-    mean for inpainting; a probe estimate of ``tr(D^T A^T A D) / dim`` otherwise). The per-pixel std comes
-    from perturb-and-MAP draws (exact posterior samples, one CG solve each): with ``K`` draws around the exact
-    mean, the per-pixel variance estimate is ``chi^2_K / K`` times the truth, so the std's relative standard
-    error is ``1 / sqrt(2 K)`` per pixel (:attr:`PosteriorStd.rel_se`).
+  - ``"cg"``: preconditioned conjugate gradients on ``P v = b``, ``P = Sigma^{-1}``, with
+    ``B = (C^{-1} + G_hat / sigma_y^2)^{-1} ~ P^{-1}``, ``G_hat`` a per-frequency ``C x C`` approximation of
+    ``G = D^T A^T A D`` in the prior's basis (the Fourier diagonal of ``A^T A`` in pixel space, exact for circular
+    blurs, the identity and the separable SR operators; the measured symbol of ``G`` on latents, exact when ``A``
+    commutes with shifts by the patch size), split by the mask for inpainting (:attr:`LinearGaussianProblem.
+    preconditioner`). The per-pixel std comes from perturb-and-MAP draws (exact posterior samples, one CG solve
+    each): with ``K`` draws around the exact mean, the per-pixel variance estimate is ``chi^2_K / K`` times the
+    truth, so the std's relative standard error is ``1 / sqrt(2 K)`` per pixel (:attr:`PosteriorStd.rel_se`).
 
 Conventions: everything is float64 by default; shapes ``(B, C, H, W)`` for batches of codes or images, ``(1, ...)``
 for one measurement; randomness only from explicit ``torch.Generator`` arguments (CPU). ``decoder=None`` means
@@ -65,6 +65,8 @@ __all__ = [
     "PatchDecoder",
     "PosteriorStd",
     "SolveInfo",
+    "equicorrelated",
+    "fourier_normal_diagonal",
     "pcg",
 ]
 
@@ -73,20 +75,19 @@ DENSE_MAX = 4096
 
 CG_TOL = 1e-10
 """Default stopping rule of the posterior-mean CG solve: ``||P v - b|| <= CG_TOL ||b||`` (relative residual of the
-precision system; the resulting relative error of the mean is measured in the benchmark)."""
+precision system; measured relative error of the mean: 1e-9 to 3e-8 on the 64 px problems,
+docs/exact_gaussian_problems.md §4.3)."""
 
 DRAW_TOL = 1e-8
 """Default stopping rule of the perturb-and-MAP solves (their error is far below the Monte-Carlo error)."""
 
 CG_MAX_ITER = 5000
-"""Default iteration cap of the posterior CG solves (a solve that reaches it is reported, not hidden)."""
+"""Default iteration cap of the posterior CG solves (a solve that reaches it without converging raises
+RuntimeError: its result would not be exact)."""
 
 DEFAULT_DRAWS = 64
 """Default number of perturb-and-MAP draws for the per-pixel std (relative standard error 1/sqrt(128) = 8.8 %
 per pixel)."""
-
-PROBES = 8
-"""Rademacher probes of the scalar preconditioner estimate ``tr(D^T A^T A D) / dim`` (private seed 0)."""
 
 Shape3 = tuple[int, int, int]
 
