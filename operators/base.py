@@ -20,6 +20,7 @@ import dataclasses
 import logging
 import math
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -49,7 +50,7 @@ def check_image_shape(shape: Sequence[int], name: str = "x") -> Shape:
         raise ValueError(f"{name} must be an image batch (B, C, H, W), got shape {shape}")
     if min(shape) < 1:
         raise ValueError(f"{name} has an empty dimension: shape {shape}")
-    return shape  # type: ignore[return-value]
+    return shape
 
 
 def check_image_tensor(t: Tensor, name: str = "x") -> Shape:
@@ -147,6 +148,9 @@ class LinearOperator(abc.ABC):
 
     ``A @ B`` composes (``(A @ B).forward(x) == A.forward(B.forward(x))``).
     """
+
+    if TYPE_CHECKING:  # every concrete operator is a dataclass (what materialize() relies on)
+        __dataclass_fields__: ClassVar[dict[str, dataclasses.Field[Any]]]
 
     # ---- public API -------------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:

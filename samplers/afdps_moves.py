@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar, NamedTuple, Protocol
+from typing import ClassVar, NamedTuple, Protocol, TypeVar
 
 import torch
 from torch import Tensor
@@ -204,11 +204,14 @@ class Weighting(Protocol):
         ...
 
 
+StatelessT = TypeVar("StatelessT", bound="StatelessWeights")
+
+
 class StatelessWeights:
     """A weighting that needs nothing of the problem: ``build`` ignores it."""
 
     @classmethod
-    def build(cls, potential: Potential, space: ParticleSpace) -> Weighting:
+    def build(cls: type[StatelessT], potential: Potential, space: ParticleSpace) -> StatelessT:
         """The weighting for this potential and particle space."""
         return cls()
 

@@ -37,12 +37,12 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol
+from typing import Literal, NamedTuple, Protocol, TypeVar, overload
 
 import torch
 from torch import Tensor
 
-from .loop import compute_dtype
+from .loop import compute_dtype, gradient
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +69,7 @@ __all__ = [
 ]
 
 TensorMap = Callable[[Tensor], Tensor]
+T = TypeVar("T")
 
 
 # --- the tempered variances ------------------------------------------------------------------------------
@@ -161,7 +162,7 @@ def estimate_jacobian_norm2(fn: TensorMap, u0: Tensor, *, n_iter: int = 8, seed:
                 jv = (fn(u0 + eps * v) - fn(u0 - eps * v)) / (2 * eps)
             with torch.enable_grad():
                 u = u0.clone().requires_grad_(True)
-                (jtjv,) = torch.autograd.grad((fn(u) * jv).sum(), u, allow_unused=True)
+                jtjv = gradient((fn(u) * jv).sum(), u)
             value = float(jv.to(torch.float64).square().sum())
             if jtjv is None:
                 return 0.0
@@ -178,10 +179,11 @@ class AdaptiveChunk:
 
     size: int | None
 
-    def map(self, u: Tensor, fn: Callable[[Tensor], object]) -> list:
+    def map(self, u: Tensor, fn: Callable[[Tensor], T]) -> list[T]:
         """``[fn(chunk) for chunk in u.split(size)]``; a chunk that raises ``torch.OutOfMemoryError`` is retried
         with half the size. One particle out of memory re-raises, naming the size."""
-        outs, start, n = [], 0, u.shape[0]
+        outs: list[T] = []
+        start, n = 0, u.shape[0]
         while start < n:
             part = u[start:start + (n if self.size is None else self.size)]
             try:
@@ -201,20 +203,30 @@ class AdaptiveChunk:
         return outs
 
 
-def _squared_residual(u: Tensor, residual: TensorMap, need_grad: bool) -> tuple[Tensor, Tensor | None]:
-    """``(||r(u)||^2: (n,) float64, J_r^T r or None)`` for one chunk ``u: (n, ...)`` (see below)."""
+def _squared_residual(u: Tensor, residual: TensorMap) -> Tensor:
+    """``||r(u)||^2: (n,) float64`` for one chunk ``u: (n, ...)``, without a graph (see below)."""
+    with torch.inference_mode(False), torch.no_grad():
+        u = u.detach().clone().to(compute_dtype(u.dtype))
+        return residual(u).reshape(u.shape[0], -1).square().sum(1).to(torch.float64)
+
+
+def _squared_residual_and_grad(u: Tensor, residual: TensorMap) -> tuple[Tensor, Tensor]:
+    """``(||r(u)||^2: (n,) float64, J_r^T r)`` for one chunk ``u: (n, ...)`` (see below)."""
     with torch.inference_mode(False):
         u = u.detach().clone().to(compute_dtype(u.dtype))
-        if not need_grad:
-            with torch.no_grad():
-                return residual(u).reshape(u.shape[0], -1).square().sum(1).to(torch.float64), None
         with torch.enable_grad():
             u.requires_grad_(True)
             sq = residual(u).reshape(u.shape[0], -1).square().sum(1)
-            (g,) = torch.autograd.grad(0.5 * sq.sum(), u, allow_unused=True)
+            g = gradient(0.5 * sq.sum(), u)
         return sq.detach().to(torch.float64), (torch.zeros_like(u) if g is None else g.detach())
 
 
+@overload
+def residual_value_and_grad(u: Tensor, residual: TensorMap, chunk_size: int | AdaptiveChunk | None,
+                            need_grad: Literal[True] = ...) -> tuple[Tensor, Tensor]: ...
+@overload
+def residual_value_and_grad(u: Tensor, residual: TensorMap, chunk_size: int | AdaptiveChunk | None,
+                            need_grad: bool) -> tuple[Tensor, Tensor | None]: ...
 def residual_value_and_grad(u: Tensor, residual: TensorMap, chunk_size: int | AdaptiveChunk | None,
                             need_grad: bool = True) -> tuple[Tensor, Tensor | None]:
     """``||r(u)||^2`` per sample and ``J_r^T r`` (the gradient of ``||r||^2 / 2``) for ``r = residual(u)``.
@@ -226,9 +238,11 @@ def residual_value_and_grad(u: Tensor, residual: TensorMap, chunk_size: int | Ad
     :class:`AdaptiveChunk` halves its size when a chunk runs out of memory.
     """
     chunks = chunk_size if isinstance(chunk_size, AdaptiveChunk) else AdaptiveChunk(chunk_size)
-    one = functools.partial(_squared_residual, residual=residual, need_grad=need_grad)
-    values, grads = zip(*chunks.map(u, one), strict=True)
-    return torch.cat(values), (torch.cat(grads) if need_grad else None)
+    if not need_grad:
+        return torch.cat(chunks.map(u, functools.partial(_squared_residual, residual=residual))), None
+    values, grads = zip(*chunks.map(u, functools.partial(_squared_residual_and_grad, residual=residual)),
+                        strict=True)
+    return torch.cat(values), torch.cat(grads)
 
 
 # --- the problem a potential is built from ---------------------------------------------------------------
@@ -260,7 +274,7 @@ class ParticleSpace:
             return tuple(self.chunk.map(u.to(self.work), self)[0].shape[1:])
 
     def _decode_work(self, u: Tensor) -> Tensor:
-        return self.decode(u.to(self.work))
+        return self(u.to(self.work))
 
 
 class Measurement(NamedTuple):
@@ -295,7 +309,7 @@ class OperatorNorm2:
         return self.value
 
     def _forward_decoded(self, u: Tensor) -> Tensor:
-        return self.forward(self.space.decode(u))
+        return self.forward(self.space(u))
 
 
 @dataclass(frozen=True, eq=False)

@@ -38,6 +38,7 @@ from .afdps_potentials import (
     noised_variance,
 )
 from .flow import noise_from_x0
+from .loop import gradient
 
 __all__ = [
     "NoWeights",
@@ -104,7 +105,7 @@ def adjoint_apply(forward: TensorMap, y: Tensor, shape: tuple[int, ...], dtype: 
     """``A^T y`` for a linear ``A`` via autograd; y: (1, ...) -> (1, *shape)."""
     with torch.inference_mode(False), torch.enable_grad():
         u = torch.zeros((1, *shape), dtype=dtype, device=y.device, requires_grad=True)
-        (aty,) = torch.autograd.grad((forward(u) * y.to(dtype)).sum(), u, allow_unused=True)
+        aty = gradient((forward(u) * y.to(dtype)).sum(), u)
     return torch.zeros_like(u).detach() if aty is None else aty.detach()
 
 
@@ -132,7 +133,7 @@ class ReactionRateWeights:
                    float(lik.y.to(torch.float64).square().sum()))
 
     def increment(self, before: Level, after: Level, move: Move, sigma: float, step: float) -> Tensor:
-        if self.likelihood is None:
+        if self.likelihood is None or self.aty is None:            # both or neither (build)
             return torch.zeros_like(before.mu)
         sigma_y, gamma2 = self.likelihood.sigma_y, self.likelihood.gamma2
         tau2 = noised_variance(sigma, sigma_y, gamma2)

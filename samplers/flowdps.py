@@ -33,8 +33,9 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from .checks import check_integer
 from .flow import noise_from_x0
-from .loop import check_finite, check_sigmas, compute_dtype, fresh_noise
+from .loop import check_finite, check_sigmas, compute_dtype, fresh_noise, gradient
 from .rng import generator_or_default
 from .schedules import Schedule, check_range, resolve
 from .types import ConfigError, DataLoss, Denoiser, StepInfo
@@ -64,7 +65,7 @@ def data_gradient(z0: Tensor, data_loss: DataLoss) -> Tensor:
                              f"got {tuple(loss.shape)}")
         if not loss.requires_grad:
             return torch.zeros_like(u)
-        (g,) = torch.autograd.grad(loss.sum(), u, allow_unused=True)
+        g = gradient(loss.sum(), u)
         return torch.zeros_like(u) if g is None else g.detach()
 
 
@@ -126,8 +127,7 @@ class FlowDPSConfig:
     many-step limit: the paper's rule under-disperses (see tests/samplers/test_flowdps_exact.py)."""
 
     def __post_init__(self) -> None:
-        if isinstance(self.dc_steps, bool) or not isinstance(self.dc_steps, int) or self.dc_steps < 1:
-            raise ConfigError("dc_steps", "must be an integer >= 1", self.dc_steps)
+        check_integer("dc_steps", self.dc_steps, minimum=1)
         check_range("step_size", self.step_size, 0.0)
         for name, rules in (("blend", BLEND_RULES), ("noise_mixing", NOISE_RULES)):
             value = getattr(self, name)
@@ -139,15 +139,13 @@ class FlowDPSConfig:
 
     def blend_weight(self, sigma: float, i: int, n_steps: int) -> float:
         """``w`` at step ``i`` (noise level ``sigma``)."""
-        if self.blend == "paper":
-            return sigma
-        if self.blend == "full":
-            return 1.0
+        if isinstance(self.blend, str):
+            return sigma if self.blend == "paper" else 1.0          # "full" (the only other rule)
         return resolve(self.blend, i, n_steps)
 
     def noise_weights(self, sigma_next: float, i: int, n_steps: int) -> tuple[float, float]:
         """``(sqrt(1 - c^2), c)`` at step ``i`` (next noise level ``sigma_next``): weights of ``z1`` and ``xi``."""
-        if self.noise_mixing == "paper":
+        if isinstance(self.noise_mixing, str):                      # "paper", the only rule
             return math.sqrt(sigma_next), math.sqrt(max(0.0, 1.0 - sigma_next))
         c = resolve(self.noise_mixing, i, n_steps)
         return math.sqrt(max(0.0, 1.0 - c * c)), c

@@ -5,7 +5,8 @@
 * :class:`NonFiniteError` and :func:`check_finite`: stop a run that produced NaN or Inf, naming the step;
 * :func:`compute_dtype` and :func:`batch_view`: the numeric conventions: gradients and weighted sums run in
   float32 (float64 stays float64) whatever the model's dtype, and per-sample values ``(B,)`` broadcast against
-  batches ``(B, ...)``.
+  batches ``(B, ...)``;
+* :func:`gradient`: one vector-Jacobian product that says when the output does not depend on the input.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ __all__ = [
     "check_sigmas",
     "compute_dtype",
     "fresh_noise",
+    "gradient",
 ]
 
 
@@ -34,6 +36,14 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 def batch_view(values: Tensor, like: Tensor) -> Tensor:
     """(B,) -> (B, 1, ..., 1): one value per sample, broadcasting against ``like: (B, ...)`` (dtype kept)."""
     return values.reshape(-1, *([1] * (like.ndim - 1)))
+
+
+def gradient(output: Tensor, wrt: Tensor) -> Tensor | None:
+    """``d output / d wrt`` (``output`` a scalar, or with a vector-Jacobian product already folded in), or
+    ``None`` when ``output`` does not depend on ``wrt``: ``torch.autograd.grad(..., allow_unused=True)``, whose
+    annotation promises tensors although it gives ``None`` for an unused input."""
+    grads: tuple[Tensor | None, ...] = torch.autograd.grad(output, wrt, allow_unused=True)
+    return grads[0]
 
 
 def check_sigmas(sigmas: Tensor) -> list[float]:

@@ -24,7 +24,6 @@ batch, so each sample gets the gradient of its own loss when the denoiser treats
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -32,10 +31,12 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from .checks import check_non_negative
 from .data_term import TensorMap, image_loss
 from .flow import noise_from_x0
+from .loop import gradient
 from .schedules import Schedule, check_range, resolve
-from .types import ConfigError, DataLoss
+from .types import DataLoss
 
 __all__ = ["PSLDConfig", "PSLDTerms", "psld_data_term", "psld_objective"]
 
@@ -119,11 +120,8 @@ class PSLDConfig:
 
     def __post_init__(self) -> None:
         check_range("step_size", self.step_size, 0.0)
-        for name in ("measurement_weight", "gluing_weight"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or not (math.isfinite(value)
-                                                                                      and value >= 0):
-                raise ConfigError(name, "must be a finite number >= 0", value)
+        check_non_negative("measurement_weight", self.measurement_weight)
+        check_non_negative("gluing_weight", self.gluing_weight)
 
     def step_at(self, i: int, n_steps: int) -> float:
         return resolve(self.step_size, i, n_steps)
@@ -157,7 +155,7 @@ class PSLDConfig:
                                  f"got {tuple(loss.shape)}")
             if not loss.requires_grad:                                  # a loss that ignores z0
                 return z_next, z0_plain
-            (g,) = torch.autograd.grad(loss.sum(), z, allow_unused=True)
+            g = gradient(loss.sum(), z)
         if g is None:
             return z_next, z0_plain
         return z_next - (step * g.detach()).to(z_next.dtype), z0_plain

@@ -31,7 +31,8 @@ __all__ = [
 ]
 
 
-def _f64(x) -> Tensor:
+def _f64(x: object) -> Tensor:
+    """``x`` (a tensor, nested lists of numbers or a numpy array) as a float64 tensor."""
     return x.detach().to(torch.float64) if isinstance(x, Tensor) else torch.as_tensor(x, dtype=torch.float64)
 
 
@@ -57,13 +58,13 @@ class GaussianMixture:
     """(K, d, d) component covariances (symmetric positive definite)."""
 
     @classmethod
-    def from_lists(cls, weights, means, covs) -> GaussianMixture:
+    def from_lists(cls, weights: object, means: object, covs: object) -> GaussianMixture:
         """Build from nested lists / arrays (weights are normalised)."""
         w = _f64(weights)
         return cls(w / w.sum(), _f64(means), _f64(covs))
 
     @classmethod
-    def gaussian(cls, mean, cov) -> GaussianMixture:
+    def gaussian(cls, mean: object, cov: object) -> GaussianMixture:
         """A single Gaussian ``N(mean, cov)``; mean: (d,), cov: (d, d)."""
         return cls(torch.ones(1, dtype=torch.float64), _f64(mean)[None], _f64(cov)[None])
 
@@ -85,7 +86,8 @@ class GaussianMixture:
         """(n, d) exact draws."""
         k = torch.multinomial(self.weights, n, replacement=True, generator=generator)
         xi = torch.randn(n, self.dim, 1, generator=generator, dtype=torch.float64)
-        return self.means[k] + (torch.linalg.cholesky(self.covs)[k] @ xi).squeeze(-1)
+        draws: Tensor = self.means[k] + (torch.linalg.cholesky(self.covs)[k] @ xi).squeeze(-1)
+        return draws
 
     def responsibilities(self, x: Tensor) -> Tensor:
         """(N, K) posterior component probabilities of points x: (N, d) under this mixture."""
