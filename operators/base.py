@@ -160,33 +160,20 @@ def _pinv_transpose_solve(op: LinearOperator, v: Tensor, tol: float, max_iter: i
 
 
 class _PseudoInverse(torch.autograd.Function):
-    """``y -> A^+ y`` by CG, with the implicit gradient: the vector-Jacobian product of ``g`` is ``(A^+)^T g``
-    (:class:`_PseudoInverseTranspose`, itself differentiable the same way), not the derivative of the iterations.
-    No gradient reaches the operator's own tensors (kernels, masks)."""
+    """``t -> A^+ t`` (``transpose=False``) or ``t -> (A^+)^T t`` (``transpose=True``) by CG, differentiated
+    implicitly: the vector-Jacobian product of either map is the other one (the transpose of a linear map), one
+    more solve, never the derivative of the iterations. No gradient reaches the operator's own tensors."""
 
     @staticmethod
-    def forward(ctx: Any, y: Tensor, op: LinearOperator, tol: float, max_iter: int) -> Tensor:
-        ctx.solver = (op, tol, max_iter)
-        return _pinv_solve(op, y, tol, max_iter)
+    def forward(ctx: Any, t: Tensor, op: LinearOperator, tol: float, max_iter: int, transpose: bool) -> Tensor:
+        ctx.solver = (op, tol, max_iter, transpose)
+        return (_pinv_transpose_solve if transpose else _pinv_solve)(op, t, tol, max_iter)
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None]:
-        transposed: Tensor = _PseudoInverseTranspose.apply(grad, *ctx.solver)
-        return transposed, None, None, None
-
-
-class _PseudoInverseTranspose(torch.autograd.Function):
-    """``v -> (A^+)^T v`` by CG (:func:`_pinv_transpose_solve`); its vector-Jacobian product is ``A^+ g``."""
-
-    @staticmethod
-    def forward(ctx: Any, v: Tensor, op: LinearOperator, tol: float, max_iter: int) -> Tensor:
-        ctx.solver = (op, tol, max_iter)
-        return _pinv_transpose_solve(op, v, tol, max_iter)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None]:
-        pinv: Tensor = _PseudoInverse.apply(grad, *ctx.solver)
-        return pinv, None, None, None
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None, None]:
+        op, tol, max_iter, transpose = ctx.solver
+        other: Tensor = _PseudoInverse.apply(grad, op, tol, max_iter, not transpose)
+        return other, None, None, None, None
 
 
 class LinearOperator(abc.ABC):
@@ -263,7 +250,7 @@ class LinearOperator(abc.ABC):
         ``torch.inference_mode()`` (a data term's own ``A x`` still needs :meth:`materialize`).
         """
         check_image_tensor(y, "y")
-        x: Tensor = _PseudoInverse.apply(y, self, tol, max_iter)
+        x: Tensor = _PseudoInverse.apply(y, self, tol, max_iter, False)
         return x
 
     def validate_input_shape(self, shape: Sequence[int]) -> Shape:
