@@ -62,7 +62,6 @@ from .afdps_potentials import (
     NoPotential,
     ParticleSpace,
     Potential,
-    TensorMap,
     TweediePotential,
     estimate_gamma2,
     estimate_jacobian_norm2,
@@ -94,7 +93,7 @@ from .smc import (
     uniform_log_weights,
     weights_from_log,
 )
-from .types import Denoiser
+from .types import Denoiser, TensorMap
 
 __all__ = [
     "POTENTIALS",
@@ -387,22 +386,22 @@ def make_potential(config: AFDPSConfig, measurement: Measurement | None, space: 
                                    gamma_probes=config.gamma_probes, operator_norm2=config.operator_norm2))
 
 
-def call_denoiser(denoise: Denoiser, x: Tensor, sigma: float, dtype: torch.dtype) -> Tensor:
-    """``z0_hat`` of the particles ``x: (P, ...)`` at ``sigma``: one batched call in the model's ``dtype``
-    under ``torch.no_grad()``, returned in ``x``'s dtype."""
+def call_denoiser(denoise: Denoiser, z: Tensor, sigma: float, dtype: torch.dtype) -> Tensor:
+    """``z0_hat`` of the particles ``z: (P, ...)`` at ``sigma``: one batched call in the model's ``dtype``
+    under ``torch.no_grad()``, returned in ``z``'s dtype."""
     with torch.no_grad():
-        x0 = denoise(x.to(dtype), torch.full((x.shape[0],), sigma, dtype=dtype, device=x.device))
-    if x0.shape != x.shape:
-        raise ValueError(f"denoise returned {tuple(x0.shape)} for particles of shape {tuple(x.shape)}")
-    return x0.detach().to(x.dtype)
+        z0 = denoise(z.to(dtype), torch.full((z.shape[0],), sigma, dtype=dtype, device=z.device))
+    if z0.shape != z.shape:
+        raise ValueError(f"denoise returned {tuple(z0.shape)} for particles of shape {tuple(z.shape)}")
+    return z0.detach().to(z.dtype)
 
 
-def evaluate(denoise: Denoiser, potential: Potential, dtype: torch.dtype, x: Tensor, sigma: float,
+def evaluate(denoise: Denoiser, potential: Potential, dtype: torch.dtype, z: Tensor, sigma: float,
              first: bool = False) -> Level:
-    """The particles ``x`` at level ``sigma > 0`` with their ``z0_hat``, potential and proposal gradient."""
-    x0 = call_denoiser(denoise, x, sigma, dtype)
-    mu, g = potential.value_and_grad(x, x0, sigma, first=first)
-    return Level(x, x0, mu, g)
+    """The particles ``z`` at level ``sigma > 0`` with their ``z0_hat``, potential and proposal gradient."""
+    z0 = call_denoiser(denoise, z, sigma, dtype)
+    mu, g = potential.value_and_grad(z, z0, sigma, first=first)
+    return Level(z, z0, mu, g)
 
 
 def reweighted(logw: Tensor, increment: Tensor, i: int, n_steps: int, sigma: float) -> tuple[Tensor, float]:
@@ -418,8 +417,8 @@ def reweighted(logw: Tensor, increment: Tensor, i: int, n_steps: int, sigma: flo
 
 def quarantined(logw: Tensor, level: Level) -> tuple[Tensor, Level]:
     """:func:`~.smc.quarantine` of the level's particles (weight 0 and zeroed state where not finite)."""
-    logw, x = quarantine(logw, level.x)
-    return logw, level._replace(x=x)
+    logw, z = quarantine(logw, level.z)
+    return logw, level._replace(z=z)
 
 
 def resampled(logw: Tensor, level: Level, generator: torch.Generator, scheme: str) -> tuple[Tensor, Level]:
@@ -493,10 +492,10 @@ def sample_afdps(denoise: Denoiser, z: Tensor, sigmas: Tensor, *, forward: Tenso
         if move.kappa is not None:
             kappas.append(move.kappa)
         if sigma_next > 0:
-            new = at_level(move.x, sigma_next)
+            new = at_level(move.z, sigma_next)
         else:                                       # s = 0: the negative log-likelihood and the images
-            mu_0, images = potential.final(move.x)
-            new = Level(move.x, move.x, mu_0, level.g)
+            mu_0, images = potential.final(move.z)
+            new = Level(move.z, move.z, mu_0, level.g)
         if weights.weighted:
             increment = weights.increment(level, new, move, sigma, sigma - sigma_next)
             logw, d_log_z = reweighted(logw, increment, i, n_steps, sigma)
@@ -511,17 +510,17 @@ def sample_afdps(denoise: Denoiser, z: Tensor, sigmas: Tensor, *, forward: Tenso
             logw, new = resampled(logw, new, generator, config.resampling)
             n_resampled += 1
         if callback is not None:
-            callback({"x": level.x.to(z.dtype), "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i],
-                      "denoised": level.x0.to(z.dtype), "ess": ess, "resampled": resample_now,
+            callback({"x": level.z.to(z.dtype), "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i],
+                      "denoised": level.z0.to(z.dtype), "ess": ess, "resampled": resample_now,
                       "log_weights": logw})
         level = new
 
-    sample_index = int(torch.multinomial(weights_from_log(logw).to(level.x.device), 1, generator=generator))
+    sample_index = int(torch.multinomial(weights_from_log(logw).to(level.z.device), 1, generator=generator))
     if space.decode is None:
-        images = level.x
+        images = level.z
     else:                                   # quarantined particles: zero images too (weight 0, finite sums)
         images = torch.where(batch_view(torch.isfinite(logw), images), images, torch.zeros_like(images))
-    return AFDPSResult(particles=level.x.to(z.dtype), log_weights=logw, images=images.to(z.dtype),
+    return AFDPSResult(particles=level.z.to(z.dtype), log_weights=logw, images=images.to(z.dtype),
                        ess=torch.tensor(ess_trace, dtype=torch.float64), n_resampled=n_resampled,
                        log_evidence=float(weights.log_evidence(log_z, potential)), sample_index=sample_index,
                        kappa=torch.tensor(kappas, dtype=torch.float64))

@@ -22,14 +22,11 @@ import torch
 from torch import Tensor
 
 from .checks import check_sigma_y
-from .types import DataLoss
+from .types import DataLoss, TensorMap
 
 __all__ = ["NORMS", "ImageLoss", "image_loss", "measurement_loss"]
 
 NORMS = ("paper", "squared")
-
-TensorMap = Callable[[Tensor], Tensor]
-
 
 ImageLoss = Callable[[Tensor], Tensor]
 """``image_loss(x) -> (B,)``: the data term of a decoded image ``x: (B, 3, H, W)`` (see :func:`image_loss`)."""

@@ -69,16 +69,16 @@ def data_gradient(z0: Tensor, data_loss: DataLoss) -> Tensor:
         return torch.zeros_like(u) if g is None else g.detach()
 
 
-def data_consistency(z0: Tensor, data_loss: DataLoss, *, step_size: float, n_steps: int) -> Tensor:
-    """``n_steps`` gradient-descent steps ``u <- u - step_size * grad loss(u)`` from ``u = z0``.
+def data_consistency(z0: Tensor, data_loss: DataLoss, *, step_size: float, dc_steps: int) -> Tensor:
+    """``dc_steps`` (K) gradient-descent steps ``u <- u - step_size * grad loss(u)`` from ``u = z0``.
 
     z0: (B, ...). The steps run in float32 (float64 stays float64) and the result has ``z0``'s dtype.
     A zero step size returns ``z0`` without evaluating the loss (no decoder cost).
     """
-    if step_size == 0 or n_steps == 0:
+    if step_size == 0 or dc_steps == 0:
         return z0
     u = z0.to(compute_dtype(z0.dtype))
-    for _ in range(n_steps):
+    for _ in range(dc_steps):
         u = u - step_size * data_gradient(u, data_loss)
     return u.to(z0.dtype)
 
@@ -154,7 +154,7 @@ class FlowDPSConfig:
                data_loss: DataLoss, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         """One FlowDPS step (module docstring); ``s' = 0`` returns ``z0_y`` and draws no noise."""
         u = data_consistency(z0, data_loss, step_size=resolve(self.step_size, i, n_steps),
-                             n_steps=self.dc_steps)
+                             dc_steps=self.dc_steps)
         w = self.blend_weight(sigma, i, n_steps)
         z0_y = (1 - w) * z0 + w * u
         if sigma_next == 0:
@@ -179,11 +179,11 @@ class FlowChefConfig:
     def update(self, z: Tensor, z0: Tensor, sigma: float, sigma_next: float, *, i: int, n_steps: int,
                data_loss: DataLoss, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         """``z' = z0 + s' (z1 - z0) - step_size * g``, ``g = grad loss(z0)``; ``generator`` is unused."""
-        step = resolve(self.step_size, i, n_steps)
+        step_size = resolve(self.step_size, i, n_steps)
         z_next = z0 if sigma_next == 0 else z0 + sigma_next * (noise_from_x0(z, z0, sigma) - z0)
-        if step == 0:
+        if step_size == 0:
             return z_next, z0
-        correction = (step * data_gradient(z0, data_loss)).to(z0.dtype)
+        correction = (step_size * data_gradient(z0, data_loss)).to(z0.dtype)
         return z_next - correction, z0 - correction
 
 

@@ -76,13 +76,14 @@ class NonFiniteError(ValueError):
     """A sampling step produced NaN or Inf values; the message names the step and where they appeared."""
 
 
-def check_finite(x: Tensor, what: str, step: int, n_steps: int, sigma: float) -> Tensor:
-    """``x`` unchanged, or :class:`NonFiniteError` naming the step (1-based), its sigma and the batch items."""
+def check_finite(x: Tensor, what: str, i: int, n_steps: int, sigma: float) -> Tensor:
+    """``x`` unchanged, or :class:`NonFiniteError` naming step ``i`` (1-based in the text), its sigma and the
+    batch items."""
     finite = torch.isfinite(x.detach()).reshape(x.shape[0], -1).all(1)
     if not bool(finite.all()):
         bad = [int(j) for j in torch.nonzero(~finite).flatten()]
         raise NonFiniteError(
-            f"step {step + 1} of {n_steps} (sigma {sigma:.4g}): {what} has NaN or Inf values in batch item(s) "
+            f"step {i + 1} of {n_steps} (sigma {sigma:.4g}): {what} has NaN or Inf values in batch item(s) "
             f"{bad}; the run is stopped. Usual causes: a step size too large for the image size, or a model or "
             f"VAE in a precision that overflows (try float32 or a smaller step size).")
     return x

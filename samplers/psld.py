@@ -32,11 +32,11 @@ import torch
 from torch import Tensor
 
 from .checks import check_non_negative
-from .data_term import TensorMap, image_loss
+from .data_term import image_loss
 from .flow import noise_from_x0
 from .loop import gradient
 from .schedules import Schedule, check_range, resolve
-from .types import DataLoss
+from .types import DataLoss, TensorMap
 
 __all__ = ["PSLDConfig", "PSLDTerms", "psld_data_term", "psld_objective"]
 
@@ -132,17 +132,17 @@ class PSLDConfig:
 
     def update(self, z: Tensor, z0: Tensor, sigma: float, sigma_next: float, *, i: int, n_steps: int,
                data_loss: DataLoss | PSLDDataTerm, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        """``z' = z0 + s' (z1 - z0) - step * grad_z loss``; ``generator`` is unused (deterministic).
+        """``z' = z0 + s' (z1 - z0) - step_size * grad_z loss``; ``generator`` is unused (deterministic).
 
         z: (B, ...) the leaf the denoiser was called on (``requires_grad`` when
         :meth:`needs_denoiser_graph`); z0: (B, ...) the denoiser's output, carrying the graph from ``z``.
         Returns ``(z_next, z0)`` detached, in ``z0``'s dtype.
         """
-        step = self.step_at(i, n_steps)
+        step_size = self.step_at(i, n_steps)
         z_plain, z0_plain = z.detach(), z0.detach()
         z_next = z0_plain if sigma_next == 0 else z0_plain + sigma_next * (
             noise_from_x0(z_plain, z0_plain, sigma) - z0_plain)
-        if step == 0:
+        if step_size == 0:
             return z_next, z0_plain
         if not (z.requires_grad and z0.requires_grad):
             raise ValueError("PSLD differentiates the denoiser: z must require grad and z0 = denoise(z) carry "
@@ -158,4 +158,4 @@ class PSLDConfig:
             g = gradient(loss.sum(), z)
         if g is None:
             return z_next, z0_plain
-        return z_next - (step * g.detach()).to(z_next.dtype), z0_plain
+        return z_next - (step_size * g.detach()).to(z_next.dtype), z0_plain
