@@ -13,8 +13,10 @@ DEMO_ARGS ?=
 setup:
 	@COMFYUI_PATH="$(COMFYUI_PATH)" VENV="$(abspath $(VENV))" CACHE="$(abspath $(CACHE))" bash flowdps_dev/setup.sh
 
+# ruff over the whole tree, then mypy (strict) over operators/ and samplers/ ([tool.mypy] in pyproject.toml)
 lint: setup
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 test: setup lint
 	source $(CACHE)/env.sh && FLOWDPS_REQUIRE_COMFY=1 $(PY) -m pytest $(PYTEST_ARGS)
@@ -41,4 +43,4 @@ eval: setup
 	source $(CACHE)/env.sh && $(PY) -m evaluation --data "$(DATA)" --model "$(MODEL)" $(EVAL_ARGS)
 
 clean:
-	rm -rf $(CACHE)/models $(CACHE)/env.sh .pytest_cache .ruff_cache
+	rm -rf $(CACHE)/models $(CACHE)/env.sh .cache/mypy .pytest_cache .ruff_cache

@@ -181,23 +181,13 @@ def save_png(image, path: Path) -> Path:
 
 
 def node_info_of(session) -> Callable[[str], dict]:
-    """``node_info(class_type)`` as ComfyUI's ``GET /object_info`` reports it (server.py's node_info)."""
-    from comfy_api.internal import _ComfyNodeInternal
+    """``node_info(class_type)`` as ComfyUI's ``GET /object_info`` reports it (``ComfySession.node_info``), with
+    a :class:`DemoError` naming a node type this ComfyUI does not have."""
 
     def node_info(class_type: str) -> dict:
-        cls = session.node_classes.get(class_type)
-        if cls is None:
+        if class_type not in session.node_classes:
             raise DemoError(f"the workflow uses the node type {class_type!r}, which this ComfyUI does not have")
-        if issubclass(cls, _ComfyNodeInternal):
-            return cls.GET_NODE_INFO_V1()
-        inputs = cls.INPUT_TYPES()
-        outputs = list(cls.RETURN_TYPES)
-        return {
-            "input": inputs,
-            "input_order": {key: list(value) for key, value in inputs.items()},
-            "output": outputs,
-            "output_name": list(getattr(cls, "RETURN_NAMES", None) or outputs),
-        }
+        return session.node_info(class_type)
 
     return node_info
 

@@ -59,11 +59,13 @@ else
 fi
 
 # 2. venv: torch, ComfyUI's requirements (minus torch*), requests, the test extra --------------------
-# With an external ComfyUI its own requirements decide; only torch/torchvision keep our pins.
+# With an external ComfyUI its own requirements decide; only torch/torchvision keep our pins. The test extra
+# is read from pyproject.toml ([project.optional-dependencies] test), so a tool added there is installed here.
 if [ -n "${COMFYUI_PATH:-}" ]; then
   grep -E '^(torch|torchvision)==' "$ROOT/flowdps_dev/constraints.txt" > "$CACHE/constraints-external.txt"
   PINS=$CACHE/constraints-external.txt
 fi
+TEST_EXTRA=$("$PY" -c 'import sys, tomllib; print(" ".join(tomllib.load(open(sys.argv[1], "rb"))["project"]["optional-dependencies"]["test"]))' "$ROOT/pyproject.toml")
 REQS=$CACHE/comfy-requirements-notorch.txt
 grep -vE '^\s*(torch|torchvision|torchaudio)\s*$' "$COMFY/requirements.txt" | grep -vE '^\s*(#|$)' > "$REQS"
 VSTAMP=$VENV/.flowdps-$(hash_of "$PINS" "$REQS" "$ROOT/pyproject.toml")
@@ -73,7 +75,8 @@ if [ ! -f "$VSTAMP" ]; then
   PIP=("$VENV/bin/python" -m pip install -q --disable-pip-version-check -c "$PINS")
   # torch first and alone, so nothing else can pull a different build.
   "${PIP[@]}" "torch==$(pin torch)" "torchvision==$(pin torchvision)" 2>&1 | grep -v "is ignored" || true
-  "${PIP[@]}" -r "$REQS" requests pytest hypothesis ruff diffusers 2>&1 | grep -v "is ignored" || true
+  # shellcheck disable=SC2086  # TEST_EXTRA is a list of requirement names, one word each
+  "${PIP[@]}" -r "$REQS" requests $TEST_EXTRA 2>&1 | grep -v "is ignored" || true
   "$VENV/bin/python" - <<'PY'
 import torch, torchvision, torchvision.transforms  # noqa: F401  (core ComfyUI needs torchvision to import)
 PY

@@ -104,13 +104,14 @@ def _pad_adjoint(y: Tensor, height: int, width: int, rh: int, rw: int, boundary:
 def _correlate_valid(xp: Tensor, k: Tensor) -> Tensor:
     """Valid cross-correlation of each plane of ``xp (…, P, Q)`` with ``k (kh, kw)`` by FFT."""
     size = xp.shape[-2:]
-    c = torch.fft.irfft2(torch.fft.rfft2(xp) * torch.fft.rfft2(k, s=size).conj(), s=size)
+    c: Tensor = torch.fft.irfft2(torch.fft.rfft2(xp) * torch.fft.rfft2(k, s=size).conj(), s=size)
     return c[..., : size[0] - k.shape[0] + 1, : size[1] - k.shape[1] + 1]
 
 
 def _correlate_valid_adjoint(y: Tensor, k: Tensor, size: tuple[int, int]) -> Tensor:
     """Transpose of :func:`_correlate_valid` (a full convolution), output ``(…, *size)``."""
-    return torch.fft.irfft2(torch.fft.rfft2(y, s=size) * torch.fft.rfft2(k, s=size), s=size)
+    full: Tensor = torch.fft.irfft2(torch.fft.rfft2(y, s=size) * torch.fft.rfft2(k, s=size), s=size)
+    return full
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -169,13 +170,15 @@ class Blur(LinearOperator):
         yp = _correlate_valid_adjoint(yw, self._correlation_kernel(yw), size)
         return _pad_adjoint(yp, height, width, rh, rw, self.boundary).to(y.dtype)
 
-    def transfer_function(self, height: int, width: int, *, device=None, dtype=torch.float64) -> Tensor:
+    def transfer_function(self, height: int, width: int, *, device: torch.device | str | None = None,
+                          dtype: torch.dtype = torch.float64) -> Tensor:
         """``rfft2`` of the kernel centred at pixel (0, 0) of an ``height x width`` torus: the eigenvalues of
         the circular blur, ``A x = irfft2(rfft2(x) * T)``. Shape ``(height, width // 2 + 1)``, complex."""
         k = self.kernel.to(device=device, dtype=dtype)
         kh, kw = k.shape
         k = F.pad(k, (0, width - kw, 0, height - kh)).roll((-(kh // 2), -(kw // 2)), dims=(0, 1))
-        return torch.fft.rfft2(k)
+        spectrum: Tensor = torch.fft.rfft2(k)
+        return spectrum
 
     @property
     def closed_form_pinv(self) -> bool:
@@ -190,7 +193,8 @@ class Blur(LinearOperator):
         magnitude = t.abs()
         keep = magnitude > FFT_PINV_RTOL * magnitude.max()
         inverse = torch.where(keep, t.conj() / torch.where(keep, magnitude, 1) ** 2, 0)
-        return torch.fft.irfft2(torch.fft.rfft2(yw) * inverse, s=(height, width)).to(y.dtype)
+        x: Tensor = torch.fft.irfft2(torch.fft.rfft2(yw) * inverse, s=(height, width))
+        return x.to(y.dtype)
 
 
 def gaussian_kernel(

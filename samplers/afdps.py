@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TypedDict
@@ -63,7 +62,6 @@ from .afdps_potentials import (
     NoPotential,
     ParticleSpace,
     Potential,
-    TensorMap,
     TweediePotential,
     estimate_gamma2,
     estimate_jacobian_norm2,
@@ -74,6 +72,16 @@ from .afdps_potentials import (
     tweedie_gain,
 )
 from .afdps_research import NoWeights, PixelNoisedPotential, ReactionRateWeights
+from .checks import (
+    check_choice,
+    check_fraction,
+    check_integer,
+    check_non_negative,
+    check_optional_integer,
+    check_optional_positive,
+    check_positive,
+    check_sigma_y,
+)
 from .loop import NonFiniteError, batch_view, check_sigmas, compute_dtype
 from .rng import generator_or_default
 from .smc import (
@@ -85,7 +93,7 @@ from .smc import (
     uniform_log_weights,
     weights_from_log,
 )
-from .types import ConfigError, Denoiser
+from .types import Denoiser, TensorMap
 
 __all__ = [
     "POTENTIALS",
@@ -160,48 +168,21 @@ EXACT_GRADIENT = ("noised", "none")
 
 # --- the config and its checks ---------------------------------------------------------------------------
 
-def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ConfigError(name, f"must be one of {choices}", value)
-
-
-def _check_non_negative(name: str, value: float) -> None:
-    if not (math.isfinite(value) and value >= 0):
-        raise ConfigError(name, "must be finite and >= 0", value)
-
-
-def _check_positive(name: str, value: float | None, *, optional: bool = False) -> None:
-    if not (optional and value is None) and not (math.isfinite(value) and value > 0):
-        raise ConfigError(name, f"must be {'None or ' if optional else ''}> 0", value)
-
-
-def _check_fraction(name: str, value: float) -> None:
-    if not 0.0 <= value <= 1.0:
-        raise ConfigError(name, "must lie in [0, 1]", value)
-
-
-def _check_integer(name: str, value: int | None, *, minimum: int, optional: bool = False) -> None:
-    if optional and value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(name, f"must be an integer >= {minimum}", value)
-
-
-FIELD_CHECKS: tuple[tuple[str, Callable[[str, object], None]], ...] = (
-    ("potential", functools.partial(_check_choice, choices=POTENTIALS)),
-    ("weights", functools.partial(_check_choice, choices=WEIGHTINGS)),
-    ("variant", functools.partial(_check_choice, choices=VARIANTS)),
-    ("resampling", functools.partial(_check_choice, choices=RESAMPLING_SCHEMES)),
-    ("eta_v", _check_non_negative),
-    ("kappa", _check_non_negative),
-    ("kappa_clip", functools.partial(_check_positive, optional=True)),
-    ("gamma2", functools.partial(_check_positive, optional=True)),
-    ("operator_norm2", functools.partial(_check_positive, optional=True)),
-    ("corrector_delta", _check_positive),
-    ("resample_threshold", _check_fraction),
-    ("gamma_probes", functools.partial(_check_integer, minimum=1)),
-    ("chunk_size", functools.partial(_check_integer, minimum=1, optional=True)),
-    ("corrector_steps", functools.partial(_check_integer, minimum=0)),
+FIELD_CHECKS: tuple[tuple[str, Callable[[str, object], object]], ...] = (
+    ("potential", functools.partial(check_choice, choices=POTENTIALS)),
+    ("weights", functools.partial(check_choice, choices=WEIGHTINGS)),
+    ("variant", functools.partial(check_choice, choices=VARIANTS)),
+    ("resampling", functools.partial(check_choice, choices=RESAMPLING_SCHEMES)),
+    ("eta_v", check_non_negative),
+    ("kappa", check_non_negative),
+    ("kappa_clip", check_optional_positive),
+    ("gamma2", check_optional_positive),
+    ("operator_norm2", check_optional_positive),
+    ("corrector_delta", check_positive),
+    ("resample_threshold", check_fraction),
+    ("gamma_probes", functools.partial(check_integer, minimum=1)),
+    ("chunk_size", functools.partial(check_optional_integer, minimum=1)),
+    ("corrector_steps", functools.partial(check_integer, minimum=0)),
 )
 """One check per field: the field's name and its check (which raises :class:`ConfigError` naming the field)."""
 
@@ -380,15 +361,14 @@ def resolve_measurement(config: AFDPSConfig, forward: TensorMap | None, y: Tenso
                         sigma_y: float | None) -> tuple[AFDPSConfig, Measurement | None]:
     """The validated measurement with a private copy of ``y``; without any of the three, prior sampling: no
     measurement and the config with the ``"none"`` potential."""
-    given = {"forward": forward is not None, "y": y is not None, "sigma_y": sigma_y is not None}
-    if not any(given.values()):
+    if forward is None and y is None and sigma_y is None:
         return dataclasses.replace(config, potential="none"), None
-    if not all(given.values()):
-        missing = ", ".join(name for name, ok in given.items() if not ok)
+    if forward is None or y is None or sigma_y is None:
+        given = {"forward": forward, "y": y, "sigma_y": sigma_y}
+        missing = ", ".join(name for name, value in given.items() if value is None)
         raise ValueError(f"forward, y and sigma_y go together (a measurement), or none of them (prior "
                          f"sampling); missing: {missing}")
-    if not (math.isfinite(sigma_y) and sigma_y > 0):
-        raise ValueError(f"sigma_y must be > 0, got {sigma_y!r}")
+    sigma_y = check_sigma_y(sigma_y, "the AFDPS likelihood")
     if y.ndim < 1 or y.shape[0] != 1:
         raise ValueError(f"y must be one measurement with a batch dimension of 1, got shape {tuple(y.shape)}")
     with torch.inference_mode(False), torch.no_grad():
@@ -400,28 +380,28 @@ def make_potential(config: AFDPSConfig, measurement: Measurement | None, space: 
     """The potential ``config.potential`` names (:data:`POTENTIAL_FAMILIES`); ``probe: (1, ...)`` one particle,
     decoded once for the image shape when ``gamma2`` is estimated."""
     family = POTENTIAL_FAMILIES[config.potential]
-    if family is None:
+    if family is None or measurement is None:       # resolve_measurement: no measurement, potential "none"
         return NoPotential(space)
     return family(Likelihood.build(measurement, space, probe, gamma2=config.gamma2,
                                    gamma_probes=config.gamma_probes, operator_norm2=config.operator_norm2))
 
 
-def call_denoiser(denoise: Denoiser, x: Tensor, sigma: float, dtype: torch.dtype) -> Tensor:
-    """``z0_hat`` of the particles ``x: (P, ...)`` at ``sigma``: one batched call in the model's ``dtype``
-    under ``torch.no_grad()``, returned in ``x``'s dtype."""
+def call_denoiser(denoise: Denoiser, z: Tensor, sigma: float, dtype: torch.dtype) -> Tensor:
+    """``z0_hat`` of the particles ``z: (P, ...)`` at ``sigma``: one batched call in the model's ``dtype``
+    under ``torch.no_grad()``, returned in ``z``'s dtype."""
     with torch.no_grad():
-        x0 = denoise(x.to(dtype), torch.full((x.shape[0],), sigma, dtype=dtype, device=x.device))
-    if x0.shape != x.shape:
-        raise ValueError(f"denoise returned {tuple(x0.shape)} for particles of shape {tuple(x.shape)}")
-    return x0.detach().to(x.dtype)
+        z0 = denoise(z.to(dtype), torch.full((z.shape[0],), sigma, dtype=dtype, device=z.device))
+    if z0.shape != z.shape:
+        raise ValueError(f"denoise returned {tuple(z0.shape)} for particles of shape {tuple(z.shape)}")
+    return z0.detach().to(z.dtype)
 
 
-def evaluate(denoise: Denoiser, potential: Potential, dtype: torch.dtype, x: Tensor, sigma: float,
+def evaluate(denoise: Denoiser, potential: Potential, dtype: torch.dtype, z: Tensor, sigma: float,
              first: bool = False) -> Level:
-    """The particles ``x`` at level ``sigma > 0`` with their ``z0_hat``, potential and proposal gradient."""
-    x0 = call_denoiser(denoise, x, sigma, dtype)
-    mu, g = potential.value_and_grad(x, x0, sigma, first=first)
-    return Level(x, x0, mu, g)
+    """The particles ``z`` at level ``sigma > 0`` with their ``z0_hat``, potential and proposal gradient."""
+    z0 = call_denoiser(denoise, z, sigma, dtype)
+    mu, g = potential.value_and_grad(z, z0, sigma, first=first)
+    return Level(z, z0, mu, g)
 
 
 def reweighted(logw: Tensor, increment: Tensor, i: int, n_steps: int, sigma: float) -> tuple[Tensor, float]:
@@ -437,8 +417,8 @@ def reweighted(logw: Tensor, increment: Tensor, i: int, n_steps: int, sigma: flo
 
 def quarantined(logw: Tensor, level: Level) -> tuple[Tensor, Level]:
     """:func:`~.smc.quarantine` of the level's particles (weight 0 and zeroed state where not finite)."""
-    logw, x = quarantine(logw, level.x)
-    return logw, level._replace(x=x)
+    logw, z = quarantine(logw, level.z)
+    return logw, level._replace(z=z)
 
 
 def resampled(logw: Tensor, level: Level, generator: torch.Generator, scheme: str) -> tuple[Tensor, Level]:
@@ -512,10 +492,10 @@ def sample_afdps(denoise: Denoiser, z: Tensor, sigmas: Tensor, *, forward: Tenso
         if move.kappa is not None:
             kappas.append(move.kappa)
         if sigma_next > 0:
-            new = at_level(move.x, sigma_next)
+            new = at_level(move.z, sigma_next)
         else:                                       # s = 0: the negative log-likelihood and the images
-            mu_0, images = potential.final(move.x)
-            new = Level(move.x, move.x, mu_0, level.g)
+            mu_0, images = potential.final(move.z)
+            new = Level(move.z, move.z, mu_0, level.g)
         if weights.weighted:
             increment = weights.increment(level, new, move, sigma, sigma - sigma_next)
             logw, d_log_z = reweighted(logw, increment, i, n_steps, sigma)
@@ -530,17 +510,17 @@ def sample_afdps(denoise: Denoiser, z: Tensor, sigmas: Tensor, *, forward: Tenso
             logw, new = resampled(logw, new, generator, config.resampling)
             n_resampled += 1
         if callback is not None:
-            callback({"x": level.x.to(z.dtype), "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i],
-                      "denoised": level.x0.to(z.dtype), "ess": ess, "resampled": resample_now,
+            callback({"x": level.z.to(z.dtype), "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i],
+                      "denoised": level.z0.to(z.dtype), "ess": ess, "resampled": resample_now,
                       "log_weights": logw})
         level = new
 
-    sample_index = int(torch.multinomial(weights_from_log(logw).to(level.x.device), 1, generator=generator))
+    sample_index = int(torch.multinomial(weights_from_log(logw).to(level.z.device), 1, generator=generator))
     if space.decode is None:
-        images = level.x
+        images = level.z
     else:                                   # quarantined particles: zero images too (weight 0, finite sums)
         images = torch.where(batch_view(torch.isfinite(logw), images), images, torch.zeros_like(images))
-    return AFDPSResult(particles=level.x.to(z.dtype), log_weights=logw, images=images.to(z.dtype),
+    return AFDPSResult(particles=level.z.to(z.dtype), log_weights=logw, images=images.to(z.dtype),
                        ess=torch.tensor(ess_trace, dtype=torch.float64), n_resampled=n_resampled,
                        log_evidence=float(weights.log_evidence(log_z, potential)), sample_index=sample_index,
                        kappa=torch.tensor(kappas, dtype=torch.float64))

@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar, NamedTuple, Protocol
+from typing import ClassVar, NamedTuple, Protocol, TypeVar
 
 import torch
 from torch import Tensor
@@ -59,20 +59,20 @@ __all__ = [
 class Level(NamedTuple):
     """The particles at one noise level ``s`` and what the weights and the next move need."""
 
-    x: Tensor
+    z: Tensor
     """(P, ...) particles at ``s`` (the sampler's work dtype)."""
-    x0: Tensor
+    z0: Tensor
     """(P, ...) their denoised estimate ``z0_hat`` (the particles themselves at ``s = 0``)."""
     mu: Tensor
-    """(P,) float64 potential ``mu_s(x)``."""
+    """(P,) float64 potential ``mu_s(z)``."""
     g: Tensor
-    """(P, ...) proposal gradient at ``x``."""
+    """(P, ...) proposal gradient at ``z``."""
 
 
 class Move(NamedTuple):
     """What a proposal did, as the weights need it."""
 
-    x: Tensor
+    z: Tensor
     """(P, ...) the moved particles at the next level."""
     v2: float
     """The noise variance ``V^2`` of the move (0 for a deterministic one)."""
@@ -90,13 +90,13 @@ def noise_variance(sigma: float, eta_v: float) -> float:
     return 2.0 * eta_v * sigma
 
 
-def reference_mean(z: Tensor, z0_hat: Tensor, sigma: float, step: float, eta_v: float) -> Tensor:
-    """Euler-Maruyama mean of the prior reverse SDE with ``V^2 = 2 eta_v s`` over ``dt = step > 0``:
+def reference_mean(z: Tensor, z0_hat: Tensor, sigma: float, dt: float, eta_v: float) -> Tensor:
+    """Euler-Maruyama mean of the prior reverse SDE with ``V^2 = 2 eta_v s`` over ``dt > 0``:
     ``z + dt (z0_hat - (1 + eta_v) eps_hat)`` with ``eps_hat = (z - (1 - s) z0_hat) / s`` (needs ``s > 0``).
 
     (``= z + dt c_H``, ``c_H = -v - (V^2 / 2s) eps_hat``, afdps.md §2.2.) z, z0_hat: (P, ...)."""
     eps_hat = noise_from_x0(z, z0_hat, sigma)
-    return z + step * (z0_hat - (1.0 + eta_v) * eps_hat)
+    return z + dt * (z0_hat - (1.0 + eta_v) * eps_hat)
 
 
 def girsanov_log_ratio(g: Tensor, xi: Tensor, noise_std: float, kappa: float) -> Tensor:
@@ -111,11 +111,11 @@ def girsanov_log_ratio(g: Tensor, xi: Tensor, noise_std: float, kappa: float) ->
     return a * (g64 * xi64).sum(1) - 0.5 * a * a * g64.square().sum(1)
 
 
-def clipped_kappa(kappa: float, clip: float | None, step: float, v2: float, lipschitz: float) -> float:
+def clipped_kappa(kappa: float, clip: float | None, dt: float, v2: float, lipschitz: float) -> float:
     """``min(kappa, clip / (dt V^2 L))`` (afdps.md §2.5 stiffness remedy ii); ``kappa`` without a clip."""
-    if clip is None or step * v2 * lipschitz <= 0:
+    if clip is None or dt * v2 * lipschitz <= 0:
         return kappa
-    return min(kappa, clip / (step * v2 * lipschitz))
+    return min(kappa, clip / (dt * v2 * lipschitz))
 
 
 def langevin_step_size(sigma: float, lipschitz: float, delta: float) -> float:
@@ -149,15 +149,15 @@ class GuidedEulerMaruyama:
 
     def __call__(self, level: Level, sigma: float, sigma_next: float, potential: Potential,
                  generator: torch.Generator) -> Move:
-        step = sigma - sigma_next
+        dt = sigma - sigma_next
         v2 = noise_variance(sigma, self.eta_v)
-        noise_std = math.sqrt(v2 * step)
+        noise_std = math.sqrt(v2 * dt)
         kappa = self.kappa if self.kappa_clip is None else clipped_kappa(
-            self.kappa, self.kappa_clip, step, v2, potential.lipschitz(level.x0, sigma))
-        xi = fresh_noise(level.x, generator)
-        m_ref = reference_mean(level.x, level.x0, sigma, step, self.eta_v)
-        x = m_ref - kappa * v2 * step * level.g + noise_std * xi
-        return Move(x, v2, kappa, girsanov_log_ratio(level.g, xi, noise_std, kappa))
+            self.kappa, self.kappa_clip, dt, v2, potential.lipschitz(level.z0, sigma))
+        xi = fresh_noise(level.z, generator)
+        m_ref = reference_mean(level.z, level.z0, sigma, dt, self.eta_v)
+        z_next = m_ref - kappa * v2 * dt * level.g + noise_std * xi
+        return Move(z_next, v2, kappa, girsanov_log_ratio(level.g, xi, noise_std, kappa))
 
 
 @dataclass(frozen=True)
@@ -166,7 +166,7 @@ class ProbabilityFlowEuler:
 
     def __call__(self, level: Level, sigma: float, sigma_next: float, potential: Potential,
                  generator: torch.Generator) -> Move:
-        return Move(reference_mean(level.x, level.x0, sigma, sigma - sigma_next, 0.0), 0.0, None, None)
+        return Move(reference_mean(level.z, level.z0, sigma, sigma - sigma_next, 0.0), 0.0, None, None)
 
 
 @dataclass(frozen=True)
@@ -179,11 +179,11 @@ class LangevinCorrector:
 
     def __call__(self, level: Level, sigma: float, potential: Potential,
                  at_level: Callable[[Tensor, float], Level], generator: torch.Generator) -> Level:
-        """``at_level(x, sigma)``: the particles ``x`` with their denoised estimate and potential."""
-        h = langevin_step_size(sigma, potential.lipschitz(level.x0, sigma), self.delta)
+        """``at_level(z, sigma)``: the particles ``z`` with their denoised estimate and potential."""
+        h = langevin_step_size(sigma, potential.lipschitz(level.z0, sigma), self.delta)
         for _ in range(self.steps):
-            xi = fresh_noise(level.x, generator)
-            level = at_level(langevin_move(level.x, level.x0, level.g, sigma, h, xi), sigma)
+            xi = fresh_noise(level.z, generator)
+            level = at_level(langevin_move(level.z, level.z0, level.g, sigma, h, xi), sigma)
         return level
 
 
@@ -195,8 +195,8 @@ class Weighting(Protocol):
     weighted: ClassVar[bool]
     """False: no weights at all (no reweighting, no resampling, no evidence)."""
 
-    def increment(self, before: Level, after: Level, move: Move, sigma: float, step: float) -> Tensor:
-        """(P,) log-weight increment of the move ``before`` (at ``sigma``) -> ``after`` (``dt = step``)."""
+    def increment(self, before: Level, after: Level, move: Move, sigma: float, dt: float) -> Tensor:
+        """(P,) log-weight increment of the move ``before`` (at ``sigma``) -> ``after``, over ``dt``."""
         ...
 
     def log_evidence(self, log_z: float, potential: Potential) -> float:
@@ -204,11 +204,14 @@ class Weighting(Protocol):
         ...
 
 
+StatelessT = TypeVar("StatelessT", bound="StatelessWeights")
+
+
 class StatelessWeights:
     """A weighting that needs nothing of the problem: ``build`` ignores it."""
 
     @classmethod
-    def build(cls, potential: Potential, space: ParticleSpace) -> Weighting:
+    def build(cls: type[StatelessT], potential: Potential, space: ParticleSpace) -> StatelessT:
         """The weighting for this potential and particle space."""
         return cls()
 
@@ -219,7 +222,7 @@ class TwistedWeights(StatelessWeights):
 
     weighted: ClassVar[bool] = True
 
-    def increment(self, before: Level, after: Level, move: Move, sigma: float, step: float) -> Tensor:
+    def increment(self, before: Level, after: Level, move: Move, sigma: float, dt: float) -> Tensor:
         incr = before.mu - after.mu
         return incr if move.log_ratio is None else incr + move.log_ratio
 

@@ -37,12 +37,13 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol
+from typing import Literal, NamedTuple, Protocol, TypeVar, overload
 
 import torch
 from torch import Tensor
 
-from .loop import compute_dtype
+from .loop import compute_dtype, gradient
+from .types import TensorMap
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ __all__ = [
     "tweedie_variance",
 ]
 
-TensorMap = Callable[[Tensor], Tensor]
+T = TypeVar("T")
 
 
 # --- the tempered variances ------------------------------------------------------------------------------
@@ -161,7 +162,7 @@ def estimate_jacobian_norm2(fn: TensorMap, u0: Tensor, *, n_iter: int = 8, seed:
                 jv = (fn(u0 + eps * v) - fn(u0 - eps * v)) / (2 * eps)
             with torch.enable_grad():
                 u = u0.clone().requires_grad_(True)
-                (jtjv,) = torch.autograd.grad((fn(u) * jv).sum(), u, allow_unused=True)
+                jtjv = gradient((fn(u) * jv).sum(), u)
             value = float(jv.to(torch.float64).square().sum())
             if jtjv is None:
                 return 0.0
@@ -178,10 +179,11 @@ class AdaptiveChunk:
 
     size: int | None
 
-    def map(self, u: Tensor, fn: Callable[[Tensor], object]) -> list:
+    def map(self, u: Tensor, fn: Callable[[Tensor], T]) -> list[T]:
         """``[fn(chunk) for chunk in u.split(size)]``; a chunk that raises ``torch.OutOfMemoryError`` is retried
         with half the size. One particle out of memory re-raises, naming the size."""
-        outs, start, n = [], 0, u.shape[0]
+        outs: list[T] = []
+        start, n = 0, u.shape[0]
         while start < n:
             part = u[start:start + (n if self.size is None else self.size)]
             try:
@@ -201,20 +203,30 @@ class AdaptiveChunk:
         return outs
 
 
-def _squared_residual(u: Tensor, residual: TensorMap, need_grad: bool) -> tuple[Tensor, Tensor | None]:
-    """``(||r(u)||^2: (n,) float64, J_r^T r or None)`` for one chunk ``u: (n, ...)`` (see below)."""
+def _squared_residual(u: Tensor, residual: TensorMap) -> Tensor:
+    """``||r(u)||^2: (n,) float64`` for one chunk ``u: (n, ...)``, without a graph (see below)."""
+    with torch.inference_mode(False), torch.no_grad():
+        u = u.detach().clone().to(compute_dtype(u.dtype))
+        return residual(u).reshape(u.shape[0], -1).square().sum(1).to(torch.float64)
+
+
+def _squared_residual_and_grad(u: Tensor, residual: TensorMap) -> tuple[Tensor, Tensor]:
+    """``(||r(u)||^2: (n,) float64, J_r^T r)`` for one chunk ``u: (n, ...)`` (see below)."""
     with torch.inference_mode(False):
         u = u.detach().clone().to(compute_dtype(u.dtype))
-        if not need_grad:
-            with torch.no_grad():
-                return residual(u).reshape(u.shape[0], -1).square().sum(1).to(torch.float64), None
         with torch.enable_grad():
             u.requires_grad_(True)
             sq = residual(u).reshape(u.shape[0], -1).square().sum(1)
-            (g,) = torch.autograd.grad(0.5 * sq.sum(), u, allow_unused=True)
+            g = gradient(0.5 * sq.sum(), u)
         return sq.detach().to(torch.float64), (torch.zeros_like(u) if g is None else g.detach())
 
 
+@overload
+def residual_value_and_grad(u: Tensor, residual: TensorMap, chunk_size: int | AdaptiveChunk | None,
+                            need_grad: Literal[True] = ...) -> tuple[Tensor, Tensor]: ...
+@overload
+def residual_value_and_grad(u: Tensor, residual: TensorMap, chunk_size: int | AdaptiveChunk | None,
+                            need_grad: bool) -> tuple[Tensor, Tensor | None]: ...
 def residual_value_and_grad(u: Tensor, residual: TensorMap, chunk_size: int | AdaptiveChunk | None,
                             need_grad: bool = True) -> tuple[Tensor, Tensor | None]:
     """``||r(u)||^2`` per sample and ``J_r^T r`` (the gradient of ``||r||^2 / 2``) for ``r = residual(u)``.
@@ -226,9 +238,11 @@ def residual_value_and_grad(u: Tensor, residual: TensorMap, chunk_size: int | Ad
     :class:`AdaptiveChunk` halves its size when a chunk runs out of memory.
     """
     chunks = chunk_size if isinstance(chunk_size, AdaptiveChunk) else AdaptiveChunk(chunk_size)
-    one = functools.partial(_squared_residual, residual=residual, need_grad=need_grad)
-    values, grads = zip(*chunks.map(u, one), strict=True)
-    return torch.cat(values), (torch.cat(grads) if need_grad else None)
+    if not need_grad:
+        return torch.cat(chunks.map(u, functools.partial(_squared_residual, residual=residual))), None
+    values, grads = zip(*chunks.map(u, functools.partial(_squared_residual_and_grad, residual=residual)),
+                        strict=True)
+    return torch.cat(values), torch.cat(grads)
 
 
 # --- the problem a potential is built from ---------------------------------------------------------------
@@ -247,12 +261,12 @@ class ParticleSpace:
         """``D(u)``: the images of particles ``u: (n, ...)`` (``u`` itself in pixel space)."""
         return u if self.decode is None else self.decode(u)
 
-    def images(self, x: Tensor) -> Tensor:
-        """(P, ...) decoded images of the particles ``x``, without a graph, chunk by chunk."""
+    def images(self, z: Tensor) -> Tensor:
+        """(P, ...) decoded images of the particles ``z``, without a graph, chunk by chunk."""
         if self.decode is None:
-            return x
+            return z
         with torch.inference_mode(False), torch.no_grad():
-            return torch.cat(self.chunk.map(x, self._decode_work))
+            return torch.cat(self.chunk.map(z, self._decode_work))
 
     def image_shape(self, u: Tensor) -> tuple[int, ...]:
         """Shape of one image, from decoding the particle ``u: (1, ...)`` (without a graph)."""
@@ -260,7 +274,7 @@ class ParticleSpace:
             return tuple(self.chunk.map(u.to(self.work), self)[0].shape[1:])
 
     def _decode_work(self, u: Tensor) -> Tensor:
-        return self.decode(u.to(self.work))
+        return self(u.to(self.work))
 
 
 class Measurement(NamedTuple):
@@ -284,18 +298,18 @@ class OperatorNorm2:
     space: ParticleSpace
     value: float | None = None
 
-    def at(self, x0: Tensor) -> float:
-        """The estimate; ``x0: (P, ...)``, whose first particle is the linearisation point on first use."""
+    def at(self, z0_hat: Tensor) -> float:
+        """The estimate; ``z0_hat: (P, ...)``, whose first particle is the linearisation point on first use."""
         if self.value is None:
             if self.space.decode is None:
                 self.value = estimate_operator_norm2(self.forward, self.space.shape, dtype=self.space.work,
-                                                     device=x0.device)
+                                                     device=z0_hat.device)
             else:
-                self.value = estimate_jacobian_norm2(self._forward_decoded, x0[:1])
+                self.value = estimate_jacobian_norm2(self._forward_decoded, z0_hat[:1])
         return self.value
 
     def _forward_decoded(self, u: Tensor) -> Tensor:
-        return self.forward(self.space.decode(u))
+        return self.forward(self.space(u))
 
 
 @dataclass(frozen=True, eq=False)
@@ -360,22 +374,22 @@ class Potential(Protocol):
         """The constant that turns the SMC estimate of ``E[exp(-mu_0)]`` into ``log p(y)`` (subtracted)."""
         ...
 
-    def value_and_grad(self, x: Tensor, x0_hat: Tensor, sigma: float, *, first: bool) -> tuple[Tensor, Tensor]:
-        """``(mu_s(x): (P,) float64, proposal gradient g: (P, ...))`` at level ``sigma > 0`` for particles ``x``
-        and their denoised ``x0_hat``; ``first``: the initial level of the run."""
+    def value_and_grad(self, z: Tensor, z0_hat: Tensor, sigma: float, *, first: bool) -> tuple[Tensor, Tensor]:
+        """``(mu_s(z): (P,) float64, proposal gradient g: (P, ...))`` at level ``sigma > 0`` for particles ``z``
+        and their denoised ``z0_hat``; ``first``: the initial level of the run."""
         ...
 
-    def lipschitz(self, x0_hat: Tensor, sigma: float) -> float:
+    def lipschitz(self, z0_hat: Tensor, sigma: float) -> float:
         """An estimate of the Lipschitz constant of the proposal gradient at level ``sigma``."""
         ...
 
-    def final(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """``(mu_0(x): (P,) float64, the decoded images (P, ...))`` at ``s = 0``."""
+    def final(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """``(mu_0(z): (P,) float64, the decoded images (P, ...))`` at ``s = 0``."""
         ...
 
 
-def _zero_potential(x: Tensor) -> tuple[Tensor, Tensor]:
-    return torch.zeros(x.shape[0], dtype=torch.float64, device=x.device), torch.zeros_like(x)
+def _zero_potential(z: Tensor) -> tuple[Tensor, Tensor]:
+    return torch.zeros(z.shape[0], dtype=torch.float64, device=z.device), torch.zeros_like(z)
 
 
 @dataclass(frozen=True, eq=False)
@@ -385,15 +399,15 @@ class NoPotential:
     space: ParticleSpace
     log_normalizer: float = 0.0
 
-    def value_and_grad(self, x: Tensor, x0_hat: Tensor, sigma: float, *, first: bool) -> tuple[Tensor, Tensor]:
-        return _zero_potential(x)
+    def value_and_grad(self, z: Tensor, z0_hat: Tensor, sigma: float, *, first: bool) -> tuple[Tensor, Tensor]:
+        return _zero_potential(z)
 
-    def lipschitz(self, x0_hat: Tensor, sigma: float) -> float:
+    def lipschitz(self, z0_hat: Tensor, sigma: float) -> float:
         return 0.0
 
-    def final(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        images = self.space.images(x)
-        return torch.zeros(x.shape[0], dtype=torch.float64, device=x.device), images
+    def final(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        images = self.space.images(z)
+        return torch.zeros(z.shape[0], dtype=torch.float64, device=z.device), images
 
 
 @dataclass(frozen=True, eq=False)
@@ -406,8 +420,8 @@ class MeasurementPotential:
     def log_normalizer(self) -> float:
         return self.likelihood.log_normalizer
 
-    def final(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        images = self.likelihood.space.images(x)
+    def final(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        images = self.likelihood.space.images(z)
         return self.likelihood.negative_log_likelihood(images), images
 
 
@@ -416,20 +430,20 @@ class TweediePotential(MeasurementPotential):
     """``mu_s(z) = ||y - A D(z0_hat)||^2 / (2 tau_s^2)`` with the stop-gradient proposal gradient (module
     docstring); ``mu := 0`` at the first level."""
 
-    def value_and_grad(self, x: Tensor, x0_hat: Tensor, sigma: float, *, first: bool) -> tuple[Tensor, Tensor]:
+    def value_and_grad(self, z: Tensor, z0_hat: Tensor, sigma: float, *, first: bool) -> tuple[Tensor, Tensor]:
         lik = self.likelihood
         tau2 = tweedie_variance(sigma, lik.sigma_y, lik.gamma2)
         gain = tweedie_gain(sigma)
         if first and gain == 0.0:
-            return _zero_potential(x)
-        sq, grad = lik.value_and_grad(x0_hat, lik.y)
+            return _zero_potential(z)
+        sq, grad = lik.value_and_grad(z0_hat, lik.y)
         mu = torch.zeros_like(sq) if first else sq / (2 * tau2)
         return mu, (gain / tau2) * grad
 
-    def lipschitz(self, x0_hat: Tensor, sigma: float) -> float:
+    def lipschitz(self, z0_hat: Tensor, sigma: float) -> float:
         lik = self.likelihood
         tau2 = tweedie_variance(sigma, lik.sigma_y, lik.gamma2)
-        return lik.norm2.at(x0_hat) * tweedie_gain(sigma) ** 2 / tau2
+        return lik.norm2.at(z0_hat) * tweedie_gain(sigma) ** 2 / tau2
 
 
 @dataclass(frozen=True, eq=False)
@@ -437,15 +451,15 @@ class LatentNoisedPotential(MeasurementPotential):
     """``mu_s(z) = ||y - A D(z / (1 - s))||^2 / (2 tau^2)`` below ``s = 1``, 0 at ``s = 1``, exact gradient
     (module docstring)."""
 
-    def value_and_grad(self, x: Tensor, x0_hat: Tensor, sigma: float, *, first: bool) -> tuple[Tensor, Tensor]:
+    def value_and_grad(self, z: Tensor, z0_hat: Tensor, sigma: float, *, first: bool) -> tuple[Tensor, Tensor]:
         if sigma >= 1.0:
-            return _zero_potential(x)
+            return _zero_potential(z)
         lik = self.likelihood
         scale, tau2 = 1.0 / (1.0 - sigma), latent_noised_variance(sigma, lik.sigma_y, lik.gamma2)
-        sq, grad = lik.value_and_grad(x * scale, lik.y)
+        sq, grad = lik.value_and_grad(z * scale, lik.y)
         return sq / (2 * tau2), (scale / tau2) * grad
 
-    def lipschitz(self, x0_hat: Tensor, sigma: float) -> float:
+    def lipschitz(self, z0_hat: Tensor, sigma: float) -> float:
         """``||A J_D||^2 / ((1 - s)^2 tau^2)`` (= ``||A J_D||^2 / tau_s^2`` of the pixel form)."""
         lik = self.likelihood
-        return lik.norm2.at(x0_hat) / noised_variance(sigma, lik.sigma_y, lik.gamma2)
+        return lik.norm2.at(z0_hat) / noised_variance(sigma, lik.sigma_y, lik.gamma2)

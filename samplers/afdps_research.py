@@ -34,10 +34,11 @@ from .afdps_potentials import (
     MeasurementPotential,
     ParticleSpace,
     Potential,
-    TensorMap,
     noised_variance,
 )
 from .flow import noise_from_x0
+from .loop import gradient
+from .types import TensorMap
 
 __all__ = [
     "NoWeights",
@@ -55,16 +56,16 @@ __all__ = [
 class PixelNoisedPotential(MeasurementPotential):
     """``mu_s(x) = ||(1 - s) y - A x||^2 / (2 tau_s^2)`` with its exact gradient (module docstring)."""
 
-    def value_and_grad(self, x: Tensor, x0_hat: Tensor, sigma: float, *, first: bool) -> tuple[Tensor, Tensor]:
+    def value_and_grad(self, z: Tensor, z0_hat: Tensor, sigma: float, *, first: bool) -> tuple[Tensor, Tensor]:
         lik = self.likelihood
         tau2 = noised_variance(sigma, lik.sigma_y, lik.gamma2)
-        sq, grad = lik.value_and_grad(x, (1.0 - sigma) * lik.y)
+        sq, grad = lik.value_and_grad(z, (1.0 - sigma) * lik.y)
         return sq / (2 * tau2), grad / tau2
 
-    def lipschitz(self, x0_hat: Tensor, sigma: float) -> float:
+    def lipschitz(self, z0_hat: Tensor, sigma: float) -> float:
         """``||A||^2 / tau_s^2``."""
         lik = self.likelihood
-        return lik.norm2.at(x0_hat) / noised_variance(sigma, lik.sigma_y, lik.gamma2)
+        return lik.norm2.at(z0_hat) / noised_variance(sigma, lik.sigma_y, lik.gamma2)
 
 
 # --- W1: the paper's reaction-rate weights ---------------------------------------------------------------
@@ -104,7 +105,7 @@ def adjoint_apply(forward: TensorMap, y: Tensor, shape: tuple[int, ...], dtype: 
     """``A^T y`` for a linear ``A`` via autograd; y: (1, ...) -> (1, *shape)."""
     with torch.inference_mode(False), torch.enable_grad():
         u = torch.zeros((1, *shape), dtype=dtype, device=y.device, requires_grad=True)
-        (aty,) = torch.autograd.grad((forward(u) * y.to(dtype)).sum(), u, allow_unused=True)
+        aty = gradient((forward(u) * y.to(dtype)).sum(), u)
     return torch.zeros_like(u).detach() if aty is None else aty.detach()
 
 
@@ -131,15 +132,15 @@ class ReactionRateWeights:
         return cls(lik, adjoint_apply(lik.measurement.forward, lik.y, space.shape, space.work),
                    float(lik.y.to(torch.float64).square().sum()))
 
-    def increment(self, before: Level, after: Level, move: Move, sigma: float, step: float) -> Tensor:
-        if self.likelihood is None:
+    def increment(self, before: Level, after: Level, move: Move, sigma: float, dt: float) -> Tensor:
+        if self.likelihood is None or self.aty is None:            # both or neither (build)
             return torch.zeros_like(before.mu)
         sigma_y, gamma2 = self.likelihood.sigma_y, self.likelihood.gamma2
         tau2 = noised_variance(sigma, sigma_y, gamma2)
-        r_dot_y = _flat64(before.x) @ self.aty.reshape(-1).to(torch.float64) - (1 - sigma) * self.y_sq
+        r_dot_y = _flat64(before.z) @ self.aty.reshape(-1).to(torch.float64) - (1 - sigma) * self.y_sq
         dmu = noised_potential_rate(2 * tau2 * before.mu, r_dot_y, sigma, sigma_y, gamma2)
         kappa = 0.0 if move.kappa is None else move.kappa
-        return step * reaction_rate(before.g, before.x, before.x0, sigma, move.v2, kappa, dmu)
+        return dt * reaction_rate(before.g, before.z, before.z0, sigma, move.v2, kappa, dmu)
 
     def log_evidence(self, log_z: float, potential: Potential) -> float:
         return math.nan                      # the dropped Laplacian term invalidates log Z
@@ -152,7 +153,7 @@ class NoWeights(StatelessWeights):
 
     weighted: ClassVar[bool] = False
 
-    def increment(self, before: Level, after: Level, move: Move, sigma: float, step: float) -> Tensor:
+    def increment(self, before: Level, after: Level, move: Move, sigma: float, dt: float) -> Tensor:
         return torch.zeros_like(before.mu)
 
     def log_evidence(self, log_z: float, potential: Potential) -> float:

@@ -16,30 +16,30 @@ step size (15) is a distance in latent space rather than a scale-free rate.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-from .types import DataLoss
+from .checks import check_sigma_y
+from .types import DataLoss, TensorMap
 
 __all__ = ["NORMS", "ImageLoss", "image_loss", "measurement_loss"]
 
 NORMS = ("paper", "squared")
 
-TensorMap = Callable[[Tensor], Tensor]
-
-
 ImageLoss = Callable[[Tensor], Tensor]
 """``image_loss(x) -> (B,)``: the data term of a decoded image ``x: (B, 3, H, W)`` (see :func:`image_loss`)."""
 
 
-def _check_norm(norm: str, sigma_y: float | None) -> None:
+def _norm_scale(norm: str, sigma_y: float | None) -> float:
+    """The factor of the squared residual: ``1 / (2 sigma_y^2)`` for ``"squared"`` (which needs ``sigma_y > 0``),
+    1 for ``"paper"`` (unused there: the norm is not squared)."""
     if norm not in NORMS:
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
-    if norm == "squared" and not (sigma_y is not None and math.isfinite(sigma_y) and sigma_y > 0):
-        raise ValueError(f"norm='squared' needs sigma_y > 0, got sigma_y={sigma_y!r}")
+    if norm == "paper":
+        return 1.0
+    return 1.0 / (2.0 * check_sigma_y(sigma_y, "norm='squared'") ** 2)
 
 
 def image_loss(forward: TensorMap, y: Tensor, *, project: TensorMap | None = None, norm: str = "paper",
@@ -50,13 +50,12 @@ def image_loss(forward: TensorMap, y: Tensor, *, project: TensorMap | None = Non
     applies to. :func:`measurement_loss` is ``image_loss(...)(decode(z0))``; PSLD (``samplers/psld.py``)
     calls it on an image it decodes once for two terms.
     """
-    _check_norm(norm, sigma_y)
+    scale = _norm_scale(norm, sigma_y)
     if y.ndim < 1:
         raise ValueError(f"measurement must have a batch dimension, got shape {tuple(y.shape)}")
     with torch.inference_mode(False), torch.no_grad():
         y = y.detach().clone()
         target = project(y).detach().clone() if project is not None else y
-    scale = 1.0 / (2.0 * sigma_y**2) if norm == "squared" else 1.0
 
     def loss(x: Tensor) -> Tensor:
         batch = x.shape[0]
@@ -67,7 +66,8 @@ def image_loss(forward: TensorMap, y: Tensor, *, project: TensorMap | None = Non
         predicted = project(ax) if project is not None else ax
         r = (target.to(device=predicted.device, dtype=predicted.dtype) - predicted).reshape(batch, -1)
         if norm == "paper":
-            return torch.linalg.vector_norm(r, dim=1)
+            length: Tensor = torch.linalg.vector_norm(r, dim=1)
+            return length
         return r.square().sum(dim=1) * scale
 
     return loss

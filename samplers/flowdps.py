@@ -33,8 +33,9 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from .checks import check_integer
 from .flow import noise_from_x0
-from .loop import check_finite, check_sigmas, compute_dtype, fresh_noise
+from .loop import check_finite, check_sigmas, compute_dtype, fresh_noise, gradient
 from .rng import generator_or_default
 from .schedules import Schedule, check_range, resolve
 from .types import ConfigError, DataLoss, Denoiser, StepInfo
@@ -64,20 +65,20 @@ def data_gradient(z0: Tensor, data_loss: DataLoss) -> Tensor:
                              f"got {tuple(loss.shape)}")
         if not loss.requires_grad:
             return torch.zeros_like(u)
-        (g,) = torch.autograd.grad(loss.sum(), u, allow_unused=True)
+        g = gradient(loss.sum(), u)
         return torch.zeros_like(u) if g is None else g.detach()
 
 
-def data_consistency(z0: Tensor, data_loss: DataLoss, *, step_size: float, n_steps: int) -> Tensor:
-    """``n_steps`` gradient-descent steps ``u <- u - step_size * grad loss(u)`` from ``u = z0``.
+def data_consistency(z0: Tensor, data_loss: DataLoss, *, step_size: float, dc_steps: int) -> Tensor:
+    """``dc_steps`` (K) gradient-descent steps ``u <- u - step_size * grad loss(u)`` from ``u = z0``.
 
     z0: (B, ...). The steps run in float32 (float64 stays float64) and the result has ``z0``'s dtype.
     A zero step size returns ``z0`` without evaluating the loss (no decoder cost).
     """
-    if step_size == 0 or n_steps == 0:
+    if step_size == 0 or dc_steps == 0:
         return z0
     u = z0.to(compute_dtype(z0.dtype))
-    for _ in range(n_steps):
+    for _ in range(dc_steps):
         u = u - step_size * data_gradient(u, data_loss)
     return u.to(z0.dtype)
 
@@ -126,8 +127,7 @@ class FlowDPSConfig:
     many-step limit: the paper's rule under-disperses (see tests/samplers/test_flowdps_exact.py)."""
 
     def __post_init__(self) -> None:
-        if isinstance(self.dc_steps, bool) or not isinstance(self.dc_steps, int) or self.dc_steps < 1:
-            raise ConfigError("dc_steps", "must be an integer >= 1", self.dc_steps)
+        check_integer("dc_steps", self.dc_steps, minimum=1)
         check_range("step_size", self.step_size, 0.0)
         for name, rules in (("blend", BLEND_RULES), ("noise_mixing", NOISE_RULES)):
             value = getattr(self, name)
@@ -139,15 +139,13 @@ class FlowDPSConfig:
 
     def blend_weight(self, sigma: float, i: int, n_steps: int) -> float:
         """``w`` at step ``i`` (noise level ``sigma``)."""
-        if self.blend == "paper":
-            return sigma
-        if self.blend == "full":
-            return 1.0
+        if isinstance(self.blend, str):
+            return sigma if self.blend == "paper" else 1.0          # "full" (the only other rule)
         return resolve(self.blend, i, n_steps)
 
     def noise_weights(self, sigma_next: float, i: int, n_steps: int) -> tuple[float, float]:
         """``(sqrt(1 - c^2), c)`` at step ``i`` (next noise level ``sigma_next``): weights of ``z1`` and ``xi``."""
-        if self.noise_mixing == "paper":
+        if isinstance(self.noise_mixing, str):                      # "paper", the only rule
             return math.sqrt(sigma_next), math.sqrt(max(0.0, 1.0 - sigma_next))
         c = resolve(self.noise_mixing, i, n_steps)
         return math.sqrt(max(0.0, 1.0 - c * c)), c
@@ -156,7 +154,7 @@ class FlowDPSConfig:
                data_loss: DataLoss, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         """One FlowDPS step (module docstring); ``s' = 0`` returns ``z0_y`` and draws no noise."""
         u = data_consistency(z0, data_loss, step_size=resolve(self.step_size, i, n_steps),
-                             n_steps=self.dc_steps)
+                             dc_steps=self.dc_steps)
         w = self.blend_weight(sigma, i, n_steps)
         z0_y = (1 - w) * z0 + w * u
         if sigma_next == 0:
@@ -181,11 +179,11 @@ class FlowChefConfig:
     def update(self, z: Tensor, z0: Tensor, sigma: float, sigma_next: float, *, i: int, n_steps: int,
                data_loss: DataLoss, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         """``z' = z0 + s' (z1 - z0) - step_size * g``, ``g = grad loss(z0)``; ``generator`` is unused."""
-        step = resolve(self.step_size, i, n_steps)
+        step_size = resolve(self.step_size, i, n_steps)
         z_next = z0 if sigma_next == 0 else z0 + sigma_next * (noise_from_x0(z, z0, sigma) - z0)
-        if step == 0:
+        if step_size == 0:
             return z_next, z0
-        correction = (step * data_gradient(z0, data_loss)).to(z0.dtype)
+        correction = (step_size * data_gradient(z0, data_loss)).to(z0.dtype)
         return z_next - correction, z0 - correction
 
 

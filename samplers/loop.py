@@ -5,7 +5,8 @@
 * :class:`NonFiniteError` and :func:`check_finite`: stop a run that produced NaN or Inf, naming the step;
 * :func:`compute_dtype` and :func:`batch_view`: the numeric conventions: gradients and weighted sums run in
   float32 (float64 stays float64) whatever the model's dtype, and per-sample values ``(B,)`` broadcast against
-  batches ``(B, ...)``.
+  batches ``(B, ...)``;
+* :func:`gradient`: one vector-Jacobian product that says when the output does not depend on the input.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ __all__ = [
     "check_sigmas",
     "compute_dtype",
     "fresh_noise",
+    "gradient",
 ]
 
 
@@ -34,6 +36,14 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 def batch_view(values: Tensor, like: Tensor) -> Tensor:
     """(B,) -> (B, 1, ..., 1): one value per sample, broadcasting against ``like: (B, ...)`` (dtype kept)."""
     return values.reshape(-1, *([1] * (like.ndim - 1)))
+
+
+def gradient(output: Tensor, wrt: Tensor) -> Tensor | None:
+    """``d output / d wrt`` (``output`` a scalar, or with a vector-Jacobian product already folded in), or
+    ``None`` when ``output`` does not depend on ``wrt``: ``torch.autograd.grad(..., allow_unused=True)``, whose
+    annotation promises tensors although it gives ``None`` for an unused input."""
+    grads: tuple[Tensor | None, ...] = torch.autograd.grad(output, wrt, allow_unused=True)
+    return grads[0]
 
 
 def check_sigmas(sigmas: Tensor) -> list[float]:
@@ -66,13 +76,14 @@ class NonFiniteError(ValueError):
     """A sampling step produced NaN or Inf values; the message names the step and where they appeared."""
 
 
-def check_finite(x: Tensor, what: str, step: int, n_steps: int, sigma: float) -> Tensor:
-    """``x`` unchanged, or :class:`NonFiniteError` naming the step (1-based), its sigma and the batch items."""
+def check_finite(x: Tensor, what: str, i: int, n_steps: int, sigma: float) -> Tensor:
+    """``x`` unchanged, or :class:`NonFiniteError` naming step ``i`` (1-based in the text), its sigma and the
+    batch items."""
     finite = torch.isfinite(x.detach()).reshape(x.shape[0], -1).all(1)
     if not bool(finite.all()):
         bad = [int(j) for j in torch.nonzero(~finite).flatten()]
         raise NonFiniteError(
-            f"step {step + 1} of {n_steps} (sigma {sigma:.4g}): {what} has NaN or Inf values in batch item(s) "
+            f"step {i + 1} of {n_steps} (sigma {sigma:.4g}): {what} has NaN or Inf values in batch item(s) "
             f"{bad}; the run is stopped. Usual causes: a step size too large for the image size, or a model or "
             f"VAE in a precision that overflows (try float32 or a smaller step size).")
     return x

@@ -24,7 +24,6 @@ batch, so each sample gets the gradient of its own loss when the denoiser treats
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -32,10 +31,12 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .data_term import TensorMap, image_loss
+from .checks import check_non_negative
+from .data_term import image_loss
 from .flow import noise_from_x0
+from .loop import gradient
 from .schedules import Schedule, check_range, resolve
-from .types import ConfigError, DataLoss
+from .types import DataLoss, TensorMap
 
 __all__ = ["PSLDConfig", "PSLDTerms", "psld_data_term", "psld_objective"]
 
@@ -119,11 +120,8 @@ class PSLDConfig:
 
     def __post_init__(self) -> None:
         check_range("step_size", self.step_size, 0.0)
-        for name in ("measurement_weight", "gluing_weight"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or not (math.isfinite(value)
-                                                                                      and value >= 0):
-                raise ConfigError(name, "must be a finite number >= 0", value)
+        check_non_negative("measurement_weight", self.measurement_weight)
+        check_non_negative("gluing_weight", self.gluing_weight)
 
     def step_at(self, i: int, n_steps: int) -> float:
         return resolve(self.step_size, i, n_steps)
@@ -134,17 +132,17 @@ class PSLDConfig:
 
     def update(self, z: Tensor, z0: Tensor, sigma: float, sigma_next: float, *, i: int, n_steps: int,
                data_loss: DataLoss | PSLDDataTerm, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        """``z' = z0 + s' (z1 - z0) - step * grad_z loss``; ``generator`` is unused (deterministic).
+        """``z' = z0 + s' (z1 - z0) - step_size * grad_z loss``; ``generator`` is unused (deterministic).
 
         z: (B, ...) the leaf the denoiser was called on (``requires_grad`` when
         :meth:`needs_denoiser_graph`); z0: (B, ...) the denoiser's output, carrying the graph from ``z``.
         Returns ``(z_next, z0)`` detached, in ``z0``'s dtype.
         """
-        step = self.step_at(i, n_steps)
+        step_size = self.step_at(i, n_steps)
         z_plain, z0_plain = z.detach(), z0.detach()
         z_next = z0_plain if sigma_next == 0 else z0_plain + sigma_next * (
             noise_from_x0(z_plain, z0_plain, sigma) - z0_plain)
-        if step == 0:
+        if step_size == 0:
             return z_next, z0_plain
         if not (z.requires_grad and z0.requires_grad):
             raise ValueError("PSLD differentiates the denoiser: z must require grad and z0 = denoise(z) carry "
@@ -157,7 +155,7 @@ class PSLDConfig:
                                  f"got {tuple(loss.shape)}")
             if not loss.requires_grad:                                  # a loss that ignores z0
                 return z_next, z0_plain
-            (g,) = torch.autograd.grad(loss.sum(), z, allow_unused=True)
+            g = gradient(loss.sum(), z)
         if g is None:
             return z_next, z0_plain
-        return z_next - (step * g.detach()).to(z_next.dtype), z0_plain
+        return z_next - (step_size * g.detach()).to(z_next.dtype), z0_plain

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .checks import check_integer, check_positive
 from .types import ConfigError
 
 __all__ = ["FLOWDPS_SHIFT", "FLOWDPS_T_END", "Schedule", "flowdps_sigmas", "flowdps_times", "resolve"]
@@ -32,8 +33,7 @@ the whole grid."""
 
 def flowdps_times(n_steps: int) -> Tensor:
     """The official grid's ``n_steps`` un-shifted times ``t``: linear from 1 to :data:`FLOWDPS_T_END` (float64)."""
-    if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 1:
-        raise ValueError(f"steps must be an integer >= 1, got {n_steps!r}")
+    check_integer("steps", n_steps, minimum=1)
     return torch.linspace(1.0, FLOWDPS_T_END, n_steps, dtype=torch.float64)
 
 
@@ -43,8 +43,7 @@ def flowdps_sigmas(n_steps: int, shift: float = FLOWDPS_SHIFT, *, dtype: torch.d
     ``s = shift t / (1 + (shift - 1) t)`` on :func:`flowdps_times`, then a final 0. At 28 steps and shift 4 the
     last non-zero level is 0.01187 (ComfyUI's ``simple`` scheduler stops at 0.130, ``normal`` at 0.00399).
     """
-    if not (math.isfinite(shift) and shift > 0):
-        raise ValueError(f"shift must be > 0, got {shift!r}")
+    check_positive("shift", shift)
     t = flowdps_times(n_steps)
     s = shift * t / (1.0 + (shift - 1.0) * t)
     return torch.cat([s, s.new_zeros(1)]).to(dtype)

@@ -9,20 +9,28 @@ and for ``y = A z0 + n``, ``n ~ N(0, sigma_y^2 I)`` the posterior is again a mix
 ``Sigma_k' = (S_k^{-1} + A^T A / sigma_y^2)^{-1}``, ``m_k' = Sigma_k' (S_k^{-1} m_k + A^T y / sigma_y^2)``,
 ``pi_k' ∝ pi_k N(y; A m_k, A S_k A^T + sigma_y^2 I)``. A single Gaussian is the case K = 1.
 
-Used by the sampler tests (and usable by researchers); everything is computed in float64.
+Used by the sampler tests (and usable by researchers); everything is computed in float64. The named problems
+the tests share (d = 2 and d = 8) are read from ``tests/data/gmm_instances.json`` by :func:`gmm_instance`.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 __all__ = [
+    "GMM_INSTANCES",
+    "GMMInstance",
     "GaussianMixture",
     "gaussian_log_prob",
+    "gmm_instance",
     "log_marginal_likelihood",
     "moment_errors",
     "shifted_sigmas",
@@ -31,7 +39,8 @@ __all__ = [
 ]
 
 
-def _f64(x) -> Tensor:
+def _f64(x: object) -> Tensor:
+    """``x`` (a tensor, nested lists of numbers or a numpy array) as a float64 tensor."""
     return x.detach().to(torch.float64) if isinstance(x, Tensor) else torch.as_tensor(x, dtype=torch.float64)
 
 
@@ -57,13 +66,13 @@ class GaussianMixture:
     """(K, d, d) component covariances (symmetric positive definite)."""
 
     @classmethod
-    def from_lists(cls, weights, means, covs) -> GaussianMixture:
+    def from_lists(cls, weights: object, means: object, covs: object) -> GaussianMixture:
         """Build from nested lists / arrays (weights are normalised)."""
         w = _f64(weights)
         return cls(w / w.sum(), _f64(means), _f64(covs))
 
     @classmethod
-    def gaussian(cls, mean, cov) -> GaussianMixture:
+    def gaussian(cls, mean: object, cov: object) -> GaussianMixture:
         """A single Gaussian ``N(mean, cov)``; mean: (d,), cov: (d, d)."""
         return cls(torch.ones(1, dtype=torch.float64), _f64(mean)[None], _f64(cov)[None])
 
@@ -85,7 +94,8 @@ class GaussianMixture:
         """(n, d) exact draws."""
         k = torch.multinomial(self.weights, n, replacement=True, generator=generator)
         xi = torch.randn(n, self.dim, 1, generator=generator, dtype=torch.float64)
-        return self.means[k] + (torch.linalg.cholesky(self.covs)[k] @ xi).squeeze(-1)
+        draws: Tensor = self.means[k] + (torch.linalg.cholesky(self.covs)[k] @ xi).squeeze(-1)
+        return draws
 
     def responsibilities(self, x: Tensor) -> Tensor:
         """(N, K) posterior component probabilities of points x: (N, d) under this mixture."""
@@ -175,3 +185,34 @@ def log_marginal_likelihood(prior: GaussianMixture, matrix: Tensor, y: Tensor, s
     pred_cov = a @ prior.covs @ a.T + sigma_y**2 * torch.eye(a.shape[0], dtype=torch.float64)
     logp = torch.log(prior.weights) + gaussian_log_prob(y[None], prior.means @ a.T, pred_cov)[0]
     return float(torch.logsumexp(logp, dim=0))
+
+
+GMM_INSTANCES = Path(__file__).resolve().parents[1] / "tests" / "data" / "gmm_instances.json"
+"""The data file of the named test problems (part of the repository, so a fresh clone has it)."""
+
+
+class GMMInstance(NamedTuple):
+    """An exact test problem: ``y = A z0 + N(0, sigma_y^2 I)`` with ``z0`` drawn from a Gaussian mixture."""
+
+    prior: GaussianMixture
+    """The prior of ``z0``, in ``d`` dimensions."""
+    matrix: Tensor
+    """(m, d) float64 ``A``."""
+    y: Tensor
+    """(1, m) float64 measurement."""
+    sigma_y: float
+    """Noise standard deviation."""
+
+
+@functools.cache
+def gmm_instance(name: str, path: Path = GMM_INSTANCES) -> GMMInstance:
+    """The named problem (``"d2"``: 3 components in 2-D, ``A = [0, 1]``; ``"d8"``: 4 components in 8-D, A 3x8)
+    from ``path``. Unpacks as ``prior, matrix, y, sigma_y``; loaded once per name (the tensors are shared, so
+    do not modify them)."""
+    problems = json.loads(Path(path).read_text())
+    if name not in problems or name == "about":
+        known = sorted(key for key in problems if key != "about")
+        raise KeyError(f"no test problem {name!r} in {path}; known: {known}")
+    p = problems[name]
+    prior = GaussianMixture.from_lists(p["prior_pis"], p["prior_means"], p["prior_covs"])
+    return GMMInstance(prior, _f64(p["A"]), _f64(p["y"]).reshape(1, -1), float(p["sigma_y"]))

@@ -1,13 +1,17 @@
-"""Callable protocols shared by the samplers (what ComfyUI's sampler bridge passes in), and the error of a
-config field."""
+"""Callable protocols and types shared by the samplers (what ComfyUI's sampler bridge passes in), and the error
+of a config field."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol, TypedDict
 
 from torch import Tensor
 
-__all__ = ["ConfigError", "DataLoss", "Denoiser", "StepInfo"]
+__all__ = ["ConfigError", "DataLoss", "Denoiser", "StepInfo", "TensorMap"]
+
+TensorMap = Callable[[Tensor], Tensor]
+"""A map of batched tensors, ``(B, ...) -> (B, ...)``: a degradation ``A``, a decoder, a projection."""
 
 
 class ConfigError(ValueError):

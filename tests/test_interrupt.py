@@ -103,7 +103,7 @@ def test_interrupt_releases_the_decoder_and_the_next_prompt_runs(comfy, progress
 def test_interrupt_during_afdps_resampling(comfy, progress, decoders, monkeypatch):
     import comfy.model_management as mm
 
-    module = sys.modules[comfy.node_classes["AFDPSRestore"].__module__.rsplit(".", 2)[0] + ".samplers.afdps"]
+    module = comfy.pack_module("samplers.afdps")
     original, calls = module.resample, []
 
     def interrupting_resample(*args, **kwargs):

@@ -56,13 +56,40 @@ def test_pyproject_metadata():
     assert project["requires-python"] == ">=3.10"
     deps = [d.split("[")[0].split("=")[0].split(">")[0].split("<")[0].strip().lower() for d in project["dependencies"]]
     assert not {"torch", "torchvision", "torchaudio"} & set(deps), "never list torch: pip would replace a CUDA build"
-    assert {"pytest", "hypothesis", "ruff", "diffusers"} <= set(project["optional-dependencies"]["test"])
+    assert {"pytest", "hypothesis", "ruff", "mypy", "diffusers"} <= set(project["optional-dependencies"]["test"])
     assert comfy["PublisherId"]
     assert comfy["DisplayName"]
     assert "includes" in comfy
     assert comfy["requires-comfyui"].startswith(">=")
     markers = {m.split(":")[0] for m in meta["tool"]["pytest"]["ini_options"]["markers"]}
     assert {"comfy", "browser", "slow"} <= markers
+
+
+def _package_key(name: str) -> str:
+    """A requirement's name as pip compares it (PEP 503: case and runs of -_. do not matter)."""
+    return "-".join(name.lower().replace("_", "-").replace(".", "-").split("-"))
+
+
+def test_lint_type_checks_the_pure_layers_with_pinned_tools():
+    """`make lint` (run by `make test`) runs mypy in strict mode over operators/ and samplers/ after ruff; the
+    set-up installs the test extra from pyproject.toml under flowdps_dev/constraints.txt, which pins each of its
+    tools exactly."""
+    meta = pyproject()
+    mypy = meta["tool"]["mypy"]
+    assert mypy["files"] == ["operators", "samplers"]
+    assert mypy["strict"] is True
+    makefile = (ROOT / "Makefile").read_text()
+    recipe = makefile.split("\nlint:", 1)[1].split("\n\n", 1)[0]
+    assert "ruff check ." in recipe
+    assert "bin/mypy" in recipe
+    assert "lint" in makefile.split("\ntest:", 1)[1].split("\n", 1)[0]
+    pins = {_package_key(line.split("==")[0]) for line in (ROOT / "flowdps_dev" / "constraints.txt").read_text().splitlines()
+            if "==" in line and not line.startswith("#")}
+    test_extra = {_package_key(name) for name in meta["project"]["optional-dependencies"]["test"]}
+    assert test_extra <= pins, f"no exact pin for {sorted(test_extra - pins)}"
+    assert {"mypy", "mypy-extensions", "pathspec", "librt", "ast-serialize"} <= pins   # mypy's own requirements
+    setup = (ROOT / "flowdps_dev" / "setup.sh").read_text()
+    assert '["optional-dependencies"]["test"]' in setup, "the set-up reads the test extra from pyproject.toml"
 
 
 def _absolute_imports(path: Path) -> list[str]:

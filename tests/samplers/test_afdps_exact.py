@@ -1,8 +1,8 @@
 """AFDPS-SDE against exact posteriors: Gaussian-mixture priors with their closed-form denoiser (afdps.md §4).
 
-The two instances of afdps.md §4.3 (``../shared/data/gmm_instances.json``): d = 2 (3 components, A = [0, 1],
-sigma_y = 0.25) and d = 8 (4 components, A in R^{3x8}, sigma_y = 0.2, rebuilt here from its numpy generator and
-checked against the published numbers). Protocol of §4.2/§4.4: P = 4000 particles, shift-3 grid, the
+The two instances of afdps.md §4.3 (``samplers.testing.gmm_instance``, from ``tests/data/gmm_instances.json``):
+d = 2 (3 components, A = [0, 1], sigma_y = 0.25) and d = 8 (4 components, A in R^{3x8}, sigma_y = 0.2, stored
+as its numpy generator draws it, which is checked here, and checked against the published numbers). Protocol of §4.2/§4.4: P = 4000 particles, shift-3 grid, the
 recommended configuration (tweedie potential, W2 weights, V^2 = 2s, systematic resampling at ESS < 0.5 P),
 5 seeds; metrics from the final weighted ensemble:
 
@@ -27,6 +27,7 @@ from flowdps.samplers.afdps import AFDPSConfig, sample_afdps
 from flowdps.samplers.smc import systematic_resample
 from flowdps.samplers.testing import (
     GaussianMixture,
+    gmm_instance,
     log_marginal_likelihood,
     shifted_sigmas,
     sliced_wasserstein,
@@ -35,20 +36,15 @@ from flowdps.samplers.testing import (
 
 P = 4000
 SEEDS = tuple(range(5))
+INSTANCES = ("d2", "d8")
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-def instance_d2():
-    prior = GaussianMixture.from_lists(
-        [0.5, 0.3, 0.2], [[-2.0, 0.0], [2.0, 0.0], [0.0, 2.5]],
-        [[[0.4, 0.1], [0.1, 0.3]], [[0.3, -0.1], [-0.1, 0.5]], [[0.5, 0.0], [0.0, 0.2]]])
-    return prior, torch.tensor([[0.0, 1.0]], dtype=torch.float64), torch.tensor([[0.6]], dtype=torch.float64), 0.25
-
-
-def instance_d8():
-    """afdps.md §4.3 generator (numpy default_rng(1); the draw order matters)."""
+def test_d8_data_is_its_generator():
+    """tests/data/gmm_instances.json holds d8 exactly as its generator draws it (numpy default_rng(1); the draw
+    order matters), so the problem is the published one at full precision, not its 4-decimal print."""
     rng = np.random.default_rng(1)
     d, k, m = 8, 4, 3
     means = 2.0 * rng.standard_normal((k, d))
@@ -64,25 +60,24 @@ def instance_d8():
     sigma_y = 0.2
     y = a @ x_true[0] + sigma_y * rng.standard_normal(m)
     prior = GaussianMixture.from_lists(pis, means, np.array(covs))
-    return prior, torch.from_numpy(a), torch.from_numpy(y)[None], sigma_y
-
-
-INSTANCES = {"d2": instance_d2, "d8": instance_d8}
-
-
-@functools.cache
-def instance(name):
-    return INSTANCES[name]()
+    loaded = gmm_instance("d8")
+    for ours, generated in zip(loaded, (prior, torch.from_numpy(a), torch.from_numpy(y)[None], sigma_y), strict=True):
+        if isinstance(ours, GaussianMixture):
+            assert all(torch.equal(getattr(ours, f), getattr(generated, f)) for f in ("weights", "means", "covs"))
+        elif isinstance(ours, torch.Tensor):
+            assert torch.equal(ours, generated)
+        else:
+            assert ours == generated
 
 
 def test_instances_match_afdps_md():
     """The published numbers of §4.3 (4 decimals), and the exact evidence used below."""
-    prior, a, y, sigma_y = instance("d2")
+    prior, a, y, sigma_y = gmm_instance("d2")
     post = prior.posterior(a, y, sigma_y)
     torch.testing.assert_close(post.weights, torch.tensor([0.6347, 0.3648, 0.0005], dtype=torch.float64),
                                atol=1e-4, rtol=0)
     torch.testing.assert_close(post.mean(), torch.tensor([-0.4738, 0.5102], dtype=torch.float64), atol=1e-4, rtol=0)
-    prior, a, y, sigma_y = instance("d8")
+    prior, a, y, sigma_y = gmm_instance("d8")
     torch.testing.assert_close(y[0], torch.tensor([-1.5466, 0.3402, 0.5209], dtype=torch.float64), atol=1e-4, rtol=0)
     assert float(torch.linalg.matrix_norm(a, 2) ** 2) == pytest.approx(0.881, abs=1e-3)
     assert float(a.square().sum()) == pytest.approx(1.907, abs=1e-3)
@@ -90,8 +85,8 @@ def test_instances_match_afdps_md():
     assert post.weights[:2].tolist() == pytest.approx([0.958, 0.0419], abs=1e-3)
     published = [0.8647, 1.6174, 0.2462, -2.8475, 1.4479, 0.5008, -0.9712, 0.3432]
     torch.testing.assert_close(post.mean(), torch.tensor(published, dtype=torch.float64), atol=1e-4, rtol=0)
-    assert log_marginal_likelihood(*instance("d2")) == pytest.approx(-1.147, abs=1e-3)
-    assert log_marginal_likelihood(*instance("d8")) == pytest.approx(-3.2253, abs=1e-4)   # not published
+    assert log_marginal_likelihood(*gmm_instance("d2")) == pytest.approx(-1.147, abs=1e-3)
+    assert log_marginal_likelihood(*gmm_instance("d8")) == pytest.approx(-3.2253, abs=1e-4)   # not published
 
 
 @functools.cache
@@ -101,7 +96,7 @@ def evaluate(name, n_steps, seeds=SEEDS, **options):
     Returns a dict of (len(seeds),) float64 tensors: mean_err, cov_err, sw, floor, modes (S, K), resampled,
     log_evidence, plus the exact target (posterior, or prior when the potential is off).
     """
-    prior, a, y, sigma_y = instance(name)
+    prior, a, y, sigma_y = gmm_instance(name)
     target = prior if options.get("potential") == "none" else prior.posterior(a, y, sigma_y)
     config = AFDPSConfig(chunk_size=None, **options)
     rows = []
@@ -146,7 +141,7 @@ def test_posterior_d2():
     assert avg(m, "cov_err") < 0.05
     assert avg(m, "sw") < 2 * avg(m, "floor")
     assert float(m["sw"].max()) < 2 * avg(m, "floor")
-    assert abs(avg(m, "log_evidence") - log_marginal_likelihood(*instance("d2"))) < 0.05
+    assert abs(avg(m, "log_evidence") - log_marginal_likelihood(*gmm_instance("d2"))) < 0.05
 
 
 def test_posterior_d8():
@@ -159,7 +154,7 @@ def test_posterior_d8():
     assert avg(m, "cov_err") < 0.15
     assert float(m["cov_err"].max()) < 0.2
     assert avg(m, "sw") < 2 * avg(m, "floor")
-    assert abs(avg(m, "log_evidence") - log_marginal_likelihood(*instance("d8"))) < 0.05
+    assert abs(avg(m, "log_evidence") - log_marginal_likelihood(*gmm_instance("d8"))) < 0.05
     assert (m["resampled"] >= 1).all()                      # the ESS rule does fire on d = 8
 
 
@@ -248,7 +243,7 @@ def latent_metrics(options, n_steps=50, seeds=SEEDS[:3]):
     """Per-seed metrics of runs on the d = 8 instance through the latent code path, with the linear decoder
     ``D = I + 0.3 N(0, 1)`` (seed 42): the exact posterior is the mixture posterior for the operator ``A D``.
     Also checks that the decoded images are ``D`` of the particles."""
-    prior, a, y, sigma_y = instance("d8")
+    prior, a, y, sigma_y = gmm_instance("d8")
     dmat = torch.eye(8, dtype=torch.float64) + 0.3 * torch.randn(
         8, 8, generator=torch.Generator().manual_seed(42), dtype=torch.float64)
     post = prior.posterior(a @ dmat, y, sigma_y)

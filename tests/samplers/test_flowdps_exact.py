@@ -23,18 +23,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from flowdps.samplers import FlowChefConfig, FlowDPSConfig, measurement_loss, sample_flow_posterior
-from flowdps.samplers.testing import GaussianMixture, moment_errors, shifted_sigmas
+from flowdps.samplers.testing import GaussianMixture, gmm_instance, moment_errors, shifted_sigmas
 
 N = 20000
 
-# afdps.md §4.3 / gmm_instances.json "d2": prior, operator and measurement as published (rounded); the exact
+# the shared test problem "d2" (samplers.testing.gmm_instance): prior, operator and measurement; the exact
 # posterior is recomputed from them and checked against the published 4-decimal values.
-D2 = GaussianMixture.from_lists(
-    [0.5, 0.3, 0.2], [[-2.0, 0.0], [2.0, 0.0], [0.0, 2.5]],
-    [[[0.4, 0.1], [0.1, 0.3]], [[0.3, -0.1], [-0.1, 0.5]], [[0.5, 0.0], [0.0, 0.2]]])
-A = torch.tensor([[0.0, 1.0]], dtype=torch.float64)
-Y = torch.tensor([[0.6]], dtype=torch.float64)
-SIGMA_Y = 0.25
+D2, A, Y, SIGMA_Y = gmm_instance("d2")
 D2_POST = {"pis": [0.6347, 0.3648, 0.0005], "mean": [-0.4738, 0.5102],
            "cov": [[3.5588, 0.0388], [0.0388, 0.0536]]}
 GAUSS = GaussianMixture.gaussian([1.0, -0.5], [[0.5, 0.2], [0.2, 0.3]])

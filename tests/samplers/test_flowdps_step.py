@@ -183,10 +183,10 @@ def test_batch_entries_are_independent(generator):
     c = torch.randn(3, 4, generator=generator)
     z0 = torch.randn(3, 4, generator=generator)
     loss = measurement_loss(None, lambda x: 2 * x, c, norm="paper")   # per-sample norms
-    together = data_consistency(z0, loss, step_size=0.3, n_steps=3)
+    together = data_consistency(z0, loss, step_size=0.3, dc_steps=3)
     for b in range(3):
         alone = data_consistency(z0[b:b + 1], measurement_loss(None, lambda x: 2 * x, c[b:b + 1]),
-                                 step_size=0.3, n_steps=3)
+                                 step_size=0.3, dc_steps=3)
         torch.testing.assert_close(together[b:b + 1], alone)
     # the gradient of the summed per-sample norms: 2 * (2 z0 - c) / ||2 z0 - c|| per sample
     r = 2 * z0 - c
@@ -202,7 +202,7 @@ def test_zero_data_term_and_zero_step_skip_the_loss(generator):
         return torch.zeros(u.shape[0])                              # no graph: gradient zero
 
     assert torch.equal(data_gradient(z0, loss), torch.zeros_like(z0))
-    assert data_consistency(z0, loss, step_size=0.0, n_steps=3) is z0
+    assert data_consistency(z0, loss, step_size=0.0, dc_steps=3) is z0
     assert len(calls) == 1
     # a Schedule that reaches 0 at the last step evaluates the loss only K times, at the first step
     sample_flow_posterior(const_denoiser(z0), z0, torch.tensor([0.9, 0.5, 0.2]), loss,
