@@ -12,8 +12,8 @@ from comfy_api.latest import io
 
 from ..samplers import FlowChefConfig, FlowDPSConfig, PSLDConfig, Schedule
 from .common import CATEGORY_SAMPLERS, Operator
+from .convert import measurement_pixels
 from .inputs import check_links, inputs_named
-from .measurement import measurement_pixels
 from .psld_sampling import sample_psld
 from .sampling import NORMS, RESIDUALS, RestorationProblem, flowdps_grid, sample_posterior
 
