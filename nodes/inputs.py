@@ -19,7 +19,7 @@ import torch
 from comfy_api.latest import io
 
 from ..operators import ParameterError
-from ..samplers import ConfigError
+from ..samplers import ConfigError, Schedule
 from .common import OPERATOR_TYPE
 
 LITERALS = (str, int, float, bool, dict, type(None))
@@ -90,3 +90,11 @@ def inputs_named(inputs: Mapping[str, str]) -> Iterator[None]:
             raise
         raise ValueError(e.message(inputs[e.field])) from e
 
+
+STEP_INPUTS = {"start": "step_size", "end": "step_size_end"}  # Schedule field -> node input
+
+
+def step_schedule(start: float, end: float) -> float | Schedule:
+    """The step_size / step_size_end inputs as a constant or a linear ramp (-1: constant; errors name them)."""
+    with inputs_named(STEP_INPUTS):
+        return start if end < 0 or end == start else Schedule(start=start, end=end)

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from .types import DataLoss
 
-__all__ = ["NORMS", "ImageLoss", "image_loss", "measurement_loss"]
+__all__ = ["NORMS", "ImageLoss", "check_norm", "image_loss", "measurement_loss"]
 
 NORMS = ("paper", "squared")
 
@@ -35,7 +35,8 @@ ImageLoss = Callable[[Tensor], Tensor]
 """``image_loss(x) -> (B,)``: the data term of a decoded image ``x: (B, 3, H, W)`` (see :func:`image_loss`)."""
 
 
-def _check_norm(norm: str, sigma_y: float | None) -> None:
+def check_norm(norm: str, sigma_y: float | None) -> None:
+    """Raise ValueError unless ``norm`` is one of :data:`NORMS` and, for ``"squared"``, ``sigma_y`` is > 0."""
     if norm not in NORMS:
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
     if norm == "squared" and not (sigma_y is not None and math.isfinite(sigma_y) and sigma_y > 0):
@@ -50,7 +51,7 @@ def image_loss(forward: TensorMap, y: Tensor, *, project: TensorMap | None = Non
     applies to. :func:`measurement_loss` is ``image_loss(...)(decode(z0))``; PSLD (``samplers/psld.py``)
     calls it on an image it decodes once for two terms.
     """
-    _check_norm(norm, sigma_y)
+    check_norm(norm, sigma_y)
     if y.ndim < 1:
         raise ValueError(f"measurement must have a batch dimension, got shape {tuple(y.shape)}")
     with torch.inference_mode(False), torch.no_grad():

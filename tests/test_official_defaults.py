@@ -25,7 +25,7 @@ def photo(comfy) -> str:
 
 
 def pack_module(comfy, name: str):
-    """A module of the pack as ComfyUI's custom-node loader imported it (e.g. ``"nodes.sampling"``)."""
+    """A module of the pack as ComfyUI's custom-node loader imported it (e.g. ``"nodes.bridge"``)."""
     root = comfy.node_classes["FlowDPSRestore"].__module__.rsplit(".", 2)[0]
     return sys.modules[f"{root}.{name}"]
 
@@ -41,7 +41,7 @@ def test_restore_default_grid_is_the_official_grid(comfy, steps):
     (samplers.flowdps_sigmas, itself tested against diffusers) to float32 rounding."""
     from comfy.model_sampling import ModelSamplingDiscreteFlow
 
-    sampling_mod = pack_module(comfy, "nodes.sampling")
+    sampling_mod = pack_module(comfy, "nodes.bridge")
     schedules = pack_module(comfy, "samplers.schedules")
     for node in ("FlowDPSRestore", "AFDPSRestore"):
         assert schema_default(comfy.node_classes[node], "scheduler") == "flowdps", node
@@ -93,7 +93,7 @@ def sink_node(comfy):
 
 
 def test_sampler_seed_is_never_the_node_seed():
-    from flowdps.nodes.sampling import SEED_MODULUS, sampler_seed
+    from flowdps.nodes.bridge import SEED_MODULUS, sampler_seed
 
     seeds = [0, 1, 2, 12345, 2**32, 2**63, SEED_MODULUS - 1]
     for seed in seeds:

@@ -78,12 +78,12 @@ def recorded_copies(comfy, monkeypatch):
     import sys
 
     package = comfy.node_classes["FlowDPSPSLDSampler"].__module__.rsplit(".", 1)[0]
-    psld_sampling = sys.modules[f"{package}.psld_sampling"]   # the module ComfyUI loaded, not flowdps.nodes
+    bridge = sys.modules[f"{package}.bridge"]   # the module ComfyUI loaded, not flowdps.nodes
 
     refs: list[weakref.ref] = []
     seen: list[dict] = []
 
-    class RecordingModel(psld_sampling.GradDiffusionModel):
+    class RecordingModel(bridge.GradDiffusionModel):
         def __init__(self, base):
             super().__init__(base)
             refs.extend([weakref.ref(self.module), weakref.ref(self.proxy)])
@@ -95,13 +95,13 @@ def recorded_copies(comfy, monkeypatch):
                          "shares_sampling": self.proxy.model_sampling is base.model_sampling,
                          "nbytes": self.nbytes})
 
-    class RecordingEncoder(psld_sampling.GradEncoder):
+    class RecordingEncoder(bridge.GradEncoder):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             refs.append(weakref.ref(self.module))
 
-    monkeypatch.setattr(psld_sampling, "GradDiffusionModel", RecordingModel)
-    monkeypatch.setattr(psld_sampling, "GradEncoder", RecordingEncoder)
+    monkeypatch.setattr(bridge, "GradDiffusionModel", RecordingModel)
+    monkeypatch.setattr(bridge, "GradEncoder", RecordingEncoder)
     return refs, seen
 
 
