@@ -160,7 +160,8 @@ def test_restore_progress_previews_interruption_and_decoder_release(comfy, photo
 
     import comfy.model_management as mm
 
-    module = sys.modules[comfy.node_classes["AFDPSRestore"].__module__]
+    package = comfy.node_classes["AFDPSRestore"].__module__.rsplit(".", 1)[0]
+    module = sys.modules[f"{package}.bridge"]  # where the samplers make their decoder copies
     decoders = []
 
     class RecordingDecoder(module.GradDecoder):
@@ -193,12 +194,13 @@ def test_particles_do_not_reuse_the_noise_inputs_stream(comfy):
 
     from comfy.sample import prepare_noise
 
-    module = sys.modules[comfy.node_classes["AFDPSSampler"].__module__]
+    package = comfy.node_classes["AFDPSSampler"].__module__.rsplit(".", 1)[0]
+    bridge = sys.modules[f"{package}.bridge"]
     latent = torch.zeros(1, 16, 4, 4)
     for seed in (0, 7, 2**64 - 1):
         noise = prepare_noise(latent, seed)
         for item in range(3):
-            generator = torch.Generator().manual_seed(module.particle_seed(seed, item))
+            generator = bridge.sampler_generator(seed, torch.device("cpu"), stream=item)  # item's particle stream
             assert not torch.equal(torch.randn(latent.shape, generator=generator), noise)
 
 

@@ -27,7 +27,7 @@ def test_restore_default_grid_is_the_official_grid(comfy, steps):
     (samplers.flowdps_sigmas, itself tested against diffusers) to float32 rounding."""
     from comfy.model_sampling import ModelSamplingDiscreteFlow
 
-    sampling_mod = comfy.pack_module("nodes.sampling")
+    sampling_mod = comfy.pack_module("nodes.bridge")
     schedules = comfy.pack_module("samplers.schedules")
     for node in ("FlowDPSRestore", "AFDPSRestore"):
         assert schema_default(comfy.node_classes[node], "scheduler") == "flowdps", node
@@ -79,7 +79,7 @@ def sink_node(comfy):
 
 
 def test_sampler_seed_is_never_the_node_seed():
-    from flowdps.nodes.sampling import SEED_MODULUS, sampler_seed
+    from flowdps.nodes.bridge import SEED_MODULUS, sampler_seed
 
     seeds = [0, 1, 2, 12345, 2**32, 2**63, SEED_MODULUS - 1]
     for seed in seeds:

@@ -51,12 +51,12 @@ BUILDERS = {"custom": custom_graph, "restore": restore_graph}
 @pytest.fixture
 def recorded_copies(comfy, monkeypatch):
     """Weak references to every private copy (diffusion model, its proxy, VAE encoder) PSLD makes."""
-    psld_sampling = comfy.pack_module("nodes.psld_sampling")   # the module ComfyUI loaded, not flowdps.nodes
+    bridge = comfy.pack_module("nodes.bridge")   # the module ComfyUI loaded, not flowdps.nodes
 
     refs: list[weakref.ref] = []
     seen: list[dict] = []
 
-    class RecordingModel(psld_sampling.GradDiffusionModel):
+    class RecordingModel(bridge.GradDiffusionModel):
         def __init__(self, base):
             super().__init__(base)
             refs.extend([weakref.ref(self.module), weakref.ref(self.proxy)])
@@ -68,13 +68,13 @@ def recorded_copies(comfy, monkeypatch):
                          "shares_sampling": self.proxy.model_sampling is base.model_sampling,
                          "nbytes": self.nbytes})
 
-    class RecordingEncoder(psld_sampling.GradEncoder):
+    class RecordingEncoder(bridge.GradEncoder):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             refs.append(weakref.ref(self.module))
 
-    monkeypatch.setattr(psld_sampling, "GradDiffusionModel", RecordingModel)
-    monkeypatch.setattr(psld_sampling, "GradEncoder", RecordingEncoder)
+    monkeypatch.setattr(bridge, "GradDiffusionModel", RecordingModel)
+    monkeypatch.setattr(bridge, "GradEncoder", RecordingEncoder)
     return refs, seen
 
 
