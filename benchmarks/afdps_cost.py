@@ -188,7 +188,7 @@ def memory_marks_flow_posterior(original, memory: dict):
 def install(recorder: sts.Recorder, saved: SavedBytes, memory: dict) -> None:
     """Monkeypatch the seams (this process only): FlowDPS's as ``step_time_split.py``, plus AFDPS's."""
     sts.install_timers(recorder)
-    sampling = sts.pack_module("nodes/sampling.py")
+    sampling = sts.pack_module("nodes/bridge.py")
     flowdps = sts.pack_module("samplers/flowdps.py")
     sampling.sample_flow_posterior = memory_marks_flow_posterior(sampling.sample_flow_posterior, memory)
     flowdps.data_gradient = timed_data_loss_saved(flowdps.data_gradient, saved)

@@ -304,7 +304,7 @@ def install_split_timers(rec: Recorder, saved: afc.SavedBytes, memory: dict) -> 
     def counted(fn):
         return lambda part: saved.measure(fn, part)
 
-    sampling = sts.pack_module("nodes/sampling.py")
+    sampling = sts.pack_module("nodes/bridge.py")
     sampling.sample_flow_posterior = wrap_sampler(sampling.sample_flow_posterior)
     afdps_nodes = sts.pack_module("nodes/afdps_nodes.py")
     afdps_nodes.sample_afdps = wrap_sampler(afdps_nodes.sample_afdps)

@@ -119,7 +119,7 @@ def peak_rss_mib() -> float:
 
 
 def pack_module(relative: str) -> Any:
-    """The module of the pack as ComfyUI loaded it (e.g. ``"nodes/sampling.py"``), found by file path.
+    """The module of the pack as ComfyUI loaded it (e.g. ``"nodes/bridge.py"``), found by file path.
 
     ComfyUI registers the pack under a path-derived module name, so the classes the sampler checks
     (``isinstance(op, AvgPoolSR)``) and the globals it calls are those of that copy, not of a second import.
@@ -191,7 +191,7 @@ def install_timers(recorder: Recorder) -> None:
     """Monkeypatch the two seams in the loaded pack and ComfyUI's MMDiT forward (this process only)."""
     from comfy.ldm.modules.diffusionmodules.mmdit import OpenAISignatureMMDITWrapper
 
-    sampling = pack_module("nodes/sampling.py")
+    sampling = pack_module("nodes/bridge.py")
     flowdps = pack_module("samplers/flowdps.py")
     sampling.sample_flow_posterior = timed_sample_flow_posterior(sampling.sample_flow_posterior, recorder)
     flowdps.data_gradient = timed_data_gradient(flowdps.data_gradient, recorder)
@@ -202,8 +202,8 @@ def install_timers(recorder: Recorder) -> None:
 def register_operator_node(session) -> str:
     """A V1-style node returning the pack's ``AvgPoolSR(SR_FACTOR)`` (the real operator nodes are elsewhere)."""
     avg_pool_sr = pack_module("operators/__init__.py").AvgPoolSR
-    if not pack_module("nodes/sampling.py").is_super_resolution(avg_pool_sr(SR_FACTOR)):
-        raise RuntimeError("residual 'auto' would not pick pinv: AvgPoolSR is not the sampler's class")
+    if avg_pool_sr(SR_FACTOR).auto_residual != "pinv":
+        raise RuntimeError("residual 'auto' would not pick pinv for the pack's AvgPoolSR")
 
     class BenchAvgPoolSR:
         RETURN_TYPES = ("FLOWDPS_OPERATOR",)

@@ -178,6 +178,29 @@ class ComfySession:
     def node_classes(self) -> dict[str, type]:
         return self._nodes.NODE_CLASS_MAPPINGS
 
+    def node_info(self, class_type: str) -> dict[str, Any]:
+        """``class_type``'s entry as ComfyUI's ``GET /object_info`` reports it (server.py's node_info): its
+        inputs with their specs, the input order and the outputs. KeyError for a type ComfyUI does not have."""
+        from comfy_api.internal import _ComfyNodeInternal
+
+        cls = self.node_classes[class_type]
+        if issubclass(cls, _ComfyNodeInternal):
+            return cls.GET_NODE_INFO_V1()
+        inputs = cls.INPUT_TYPES()
+        outputs = list(cls.RETURN_TYPES)
+        return {
+            "input": inputs,
+            "input_order": {key: list(value) for key, value in inputs.items()},
+            "output": outputs,
+            "output_name": list(getattr(cls, "RETURN_NAMES", None) or outputs),
+        }
+
+    def pack_module(self, name: str) -> Any:
+        """A module of the pack as ComfyUI's custom-node loader imported it, by its path in the pack, e.g.
+        ``"nodes.model_family"`` or ``"samplers.schedules"`` (not ``flowdps.*``, a second copy)."""
+        module = self.node_classes["FlowDPSRestore"].__module__    # <the pack's module name>.nodes.<...>
+        return sys.modules[f"{module[:module.index('.nodes.')]}.{name}"]
+
     def pack_node_ids(self) -> list[str]:
         """Ids of the nodes that ComfyUI registered from our pack."""
         return sorted(
@@ -231,6 +254,14 @@ class ComfySession:
 
 
 _SESSION: ComfySession | None = None
+
+
+def node_info(class_type: str) -> dict[str, Any]:
+    """``class_type``'s ``/object_info`` entry (:meth:`ComfySession.node_info`) from the ComfyUI that
+    :func:`start` loaded in this process; RuntimeError before it has."""
+    if _SESSION is None:
+        raise RuntimeError("no ComfyUI in this process yet: call flowdps_dev.comfy_env.start() first")
+    return _SESSION.node_info(class_type)
 
 
 def start(

@@ -46,7 +46,7 @@ DEFAULT_OUT = Path("out") / "demo"
 TASKS = {"sr4": 4, "sr8": 8, "sr12": 12}
 DEFAULT_SIZE = 256
 DEFAULT_STEPS = 28
-SIGMA_Y = 0.015  # the paper's measurement noise on the [0, 1] scale (operators.PAPER_SIGMA_Y)
+SIGMA_Y = 0.015  # the paper's measurement noise on the [0, 1] scale (nodes/convert.py PAPER_SIGMA_Y)
 SD3_MULTIPLE = 16  # SD3 image sides are multiples of 16 pixels (8x VAE, 2x2 patches)
 TINY_MAX_SIZE = 512  # the tiny transformer's position embedding covers 64x64 latents
 MEASUREMENT_FILE = "flowdps_demo_measurement.png"  # name in ComfyUI's input folder
@@ -135,14 +135,14 @@ def comfy_image_to_uint8(image):
 def simulate_measurement(gt, factor: int, sigma_y: float, seed: int):
     """``y = BicubicSR(factor)(x) + sigma_y N(0, I)`` on the pack's [-1, 1] scale, seeded; (h, w, 3) uint8.
 
-    ``sigma_y`` is on the [0, 1] scale (``GaussianNoise`` doubles it for [-1, 1]); the noise is drawn on
+    ``sigma_y`` is on the [0, 1] scale (doubled for the operators' [-1, 1], as the node does); the noise is drawn on
     the CPU from ``torch.Generator().manual_seed(seed)``, as FlowDPSSimulateMeasurement does.
     """
     import torch
 
     ops = pack_operators()
     y = ops.BicubicSR(factor).forward(to_pixels(gt))
-    y = ops.GaussianNoise(sigma_y).apply(y, torch.Generator().manual_seed(seed))
+    y = ops.GaussianNoise(2.0 * sigma_y).apply(y, torch.Generator().manual_seed(seed))
     return to_uint8(y)
 
 
@@ -181,23 +181,13 @@ def save_png(image, path: Path) -> Path:
 
 
 def node_info_of(session) -> Callable[[str], dict]:
-    """``node_info(class_type)`` as ComfyUI's ``GET /object_info`` reports it (server.py's node_info)."""
-    from comfy_api.internal import _ComfyNodeInternal
+    """``node_info(class_type)`` as ComfyUI's ``GET /object_info`` reports it (``ComfySession.node_info``), with
+    a :class:`DemoError` naming a node type this ComfyUI does not have."""
 
     def node_info(class_type: str) -> dict:
-        cls = session.node_classes.get(class_type)
-        if cls is None:
+        if class_type not in session.node_classes:
             raise DemoError(f"the workflow uses the node type {class_type!r}, which this ComfyUI does not have")
-        if issubclass(cls, _ComfyNodeInternal):
-            return cls.GET_NODE_INFO_V1()
-        inputs = cls.INPUT_TYPES()
-        outputs = list(cls.RETURN_TYPES)
-        return {
-            "input": inputs,
-            "input_order": {key: list(value) for key, value in inputs.items()},
-            "output": outputs,
-            "output_name": list(getattr(cls, "RETURN_NAMES", None) or outputs),
-        }
+        return session.node_info(class_type)
 
     return node_info
 

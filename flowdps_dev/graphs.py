@@ -1,13 +1,18 @@
 """API-format graphs (what ``/prompt`` and ``PromptExecutor`` take) built from core nodes and ours.
 
 A tiny builder keeps the graphs readable: ``g.add("UNETLoader", unet_name=...)`` returns a handle whose
-``out(i)`` is the ``[node_id, i]`` link ComfyUI expects.
+``out(i)`` is the ``[node_id, i]`` link ComfyUI expects; ``g.add_node_with_defaults(...)`` fills every required
+widget the caller leaves out with its schema default, so a graph spells only what it changes. The test
+problems share :func:`simulated_measurement`, :func:`restore_graph` and :func:`residual`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+from .workflow_convert import widget_defaults
 
 TINY_UNET = "tiny_sd3.safetensors"
 TINY_UNET_DIFFUSERS = "tiny_sd3_diffusers.safetensors"
@@ -38,6 +43,9 @@ class Node:
 @dataclass
 class GraphBuilder:
     nodes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    node_info: Callable[[str], Mapping[str, Any]] | None = None
+    """``node_info(class_type)``, the node's ``/object_info`` entry, which :meth:`add_node_with_defaults` reads;
+    ``None``: from the ComfyUI loaded in this process (``comfy_env.node_info``)."""
 
     def add(self, class_type: str, node_id: str | None = None, **inputs: Any) -> Node:
         nid = node_id or str(len(self.nodes) + 1)
@@ -45,6 +53,23 @@ class GraphBuilder:
             raise ValueError(f"node id {nid!r} is already used")
         self.nodes[nid] = {"class_type": class_type, "inputs": dict(inputs)}
         return Node(nid)
+
+    def add_node_with_defaults(self, class_type: str, node_id: str | None = None, **inputs: Any) -> Node:
+        """:meth:`add` with every required widget that ``inputs`` does not give set to its schema default
+        (what a new node in the editor starts with). ``inputs`` hold the links and the values that differ
+        (or that a test pins on purpose); optional widgets are sent only when given. An input name the node
+        does not have is a ValueError."""
+        if self.node_info is None:
+            from . import comfy_env
+
+            info = comfy_env.node_info(class_type)
+        else:
+            info = self.node_info(class_type)
+        names = {name for section in ("required", "optional") for name in info["input"].get(section, {})}
+        unknown = sorted(set(inputs) - names)
+        if unknown:
+            raise ValueError(f"{class_type} has no input named {unknown}; its inputs: {sorted(names)}")
+        return self.add(class_type, node_id, **{**widget_defaults(info), **inputs})
 
     def build(self) -> dict[str, dict[str, Any]]:
         return {k: {"class_type": v["class_type"], "inputs": dict(v["inputs"])} for k, v in self.nodes.items()}
@@ -131,3 +156,46 @@ def prior_loaders(g: GraphBuilder, prior: TinyPrior, *, vae_name: str | None = N
         pos = g.add("FluxGuidance", "positive", conditioning=pos, guidance=prior.flux_guidance).out()
     neg = g.add("ConditioningZeroOut", "negative", conditioning=pos).out()
     return model, vae, pos, neg
+
+
+def simulated_measurement(g: GraphBuilder, photo: str, operator: str, **operator_inputs: Any) -> tuple[list, list]:
+    """The test problem's nodes: ``photo`` (LoadImage of a file in ComfyUI's input folder), ``op`` (the
+    ``operator`` node with ``operator_inputs``) and ``sim`` (its simulated measurement, sigma_y 0.01, seed 0).
+    Returns the operator and measurement links."""
+    image = g.add("LoadImage", "photo", image=photo).out()
+    op = g.add(operator, "op", **operator_inputs).out()
+    y = g.add("FlowDPSSimulateMeasurement", "sim", image=image, operator=op, sigma_y=0.01, seed=0).out()
+    return op, y
+
+
+def restore_graph(restore: str, photo: str, operator: tuple[str, Mapping[str, Any]], *,
+                  prior: TinyPrior | None = None, vae_name: str | None = None, save_prefix: str | None = None,
+                  **widgets: Any) -> dict:
+    """A Restore node (``restore``: ``"FlowDPSRestore"`` / ``"AFDPSRestore"``, node id ``restore``) on a tiny
+    prior (default SD3) and :func:`simulated_measurement` of ``photo`` through ``operator`` = (node, inputs).
+    ``widgets`` are the Restore node's values that differ from its schema defaults (the rest are filled in).
+    Its first output goes to PreviewImage (``preview``), or to SaveImage (``save``) with ``save_prefix``. The
+    schema defaults come from the ComfyUI loaded in this process."""
+    g = GraphBuilder()
+    model, vae, pos, neg = prior_loaders(g, prior or TINY_PRIORS["sd3"], vae_name=vae_name)
+    op, y = simulated_measurement(g, photo, operator[0], **operator[1])
+    g.add_node_with_defaults(restore, "restore", model=model, positive=pos, negative=neg, vae=vae, measurement=y,
+                             operator=op, **widgets)
+    if save_prefix is None:
+        g.add("PreviewImage", "preview", images=["restore", 0])
+    else:
+        g.add("SaveImage", "save", images=["restore", 0], filename_prefix=save_prefix)
+    return g.build()
+
+
+def residual(result: Any, node: str = "restore", index: int = 0) -> float:
+    """``||A x - y||`` of the IMAGE output ``index`` of ``node`` (per image, averaged over its batch), with the
+    graph's operator (node ``op``) and simulated measurement (node ``sim``) of :func:`simulated_measurement`;
+    ComfyUI's [0, 1] images are mapped to the operators' [-1, 1]."""
+    import torch
+
+    op = result.output("op")
+    x = result.output(node, index).movedim(-1, 1) * 2 - 1
+    y = result.output("sim").movedim(-1, 1) * 2 - 1
+    r = (op.forward(x) - y).flatten(1)
+    return float(torch.linalg.vector_norm(r, dim=1).mean())

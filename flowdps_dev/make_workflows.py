@@ -23,11 +23,13 @@ from pathlib import Path
 from typing import Any
 
 from flowdps_dev.workflow_convert import (
+    NO_DEFAULT,
     VIRTUAL_NODES,
     _has_control_value,
     _is_widget,
     _widget_specs,
     input_specs,
+    widget_default,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -115,13 +117,8 @@ def widget_values(node: Node, info: NodeInfo) -> list[Any]:
     for name, opts in _widget_specs(info):
         spec = specs[name]
         kind = spec[0] if isinstance(spec, list | tuple) else spec
-        if name in node.widgets:
-            value = node.widgets[name]
-        elif "default" in opts:
-            value = opts["default"]
-        elif isinstance(kind, list | tuple) and kind:
-            value = kind[0]
-        else:
+        value = node.widgets[name] if name in node.widgets else widget_default(spec, opts)
+        if value is NO_DEFAULT:
             raise ValueError(f"{node.type} ({node.key}): widget {name!r} has no default; set it in the spec")
         values.append(value)
         if _has_control_value(name, opts, kind):

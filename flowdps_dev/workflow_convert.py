@@ -51,6 +51,37 @@ def _widget_specs(info: NodeInfo) -> list[tuple[str, dict]]:
     ]
 
 
+_NO_DEFAULT = object()
+
+
+def widget_default(spec: Any, opts: Mapping[str, Any]) -> Any:
+    """The value a new node's widget starts with: the schema's ``default``, else a combo's first option; a
+    private sentinel (``widget_default(...) is NO_DEFAULT``) when the schema gives neither."""
+    kind = spec[0] if isinstance(spec, list | tuple) else spec
+    if "default" in opts:
+        return opts["default"]
+    if isinstance(kind, list | tuple) and kind:
+        return kind[0]
+    return _NO_DEFAULT
+
+
+NO_DEFAULT = _NO_DEFAULT
+"""What :func:`widget_default` returns for a widget without a default (e.g. a required text)."""
+
+
+def widget_defaults(info: NodeInfo, *, optional: bool = False) -> dict[str, Any]:
+    """``{name: default}`` of a node's required widget inputs (and its optional ones with ``optional``) that
+    have a default (:func:`widget_default`), in the editor's order."""
+    required = info["input"].get("required", {})
+    specs = {**required, **info["input"].get("optional", {})}
+    defaults = {}
+    for name, opts in _widget_specs(info):
+        value = widget_default(specs[name], opts)
+        if value is not NO_DEFAULT and (optional or name in required):
+            defaults[name] = value
+    return defaults
+
+
 def _has_control_value(name: str, opts: dict, spec_type: Any) -> bool:
     if opts.get("control_after_generate"):
         return True

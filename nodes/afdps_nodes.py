@@ -8,53 +8,45 @@ batch size of the output is the input's.
 
 Particle noise: particle 0 of batch item ``b`` starts from the NOISE input's ``noise[b]``; particles 1..P-1 and
 all in-loop randomness (SDE noise, resampling, the ``sample`` draw) come from a ``torch.Generator`` on the
-sampling device seeded from the seed of the NOISE node / the Restore node and ``b`` (:func:`particle_seed`), so
-a seed reproduces a run exactly on one device. Batch items are sampled one after the other (independent ensembles).
+sampling device seeded from the seed of the NOISE node / the Restore node and ``b`` (the sampler's stream ``b``,
+``bridge.sampler_seed``), so a seed reproduces a run exactly on one device. Batch items are sampled one after the other (independent ensembles).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 from typing import Any
 
-import comfy.model_management as mm
-import comfy.sample
 import comfy.samplers
-import comfy.utils
-import latent_preview
 import torch
 from comfy_api.latest import io
 
 from ..samplers import AFDPSConfig, AFDPSResult, sample_afdps
-from .common import CATEGORY_ROOT, CATEGORY_SAMPLERS, Operator
-from .convert import pixels_to_image
-from .decoder import GradDecoder
-from .inputs import check_links, inputs_named
-from .model_family import (
-    CFG_TOOLTIP,
-    MODEL_TOOLTIP,
-    NEGATIVE_TOOLTIP,
-    POSITIVE_TOOLTIP,
-    SHIFT_TOOLTIP,
-    check_model_and_vae,
-    restore_settings,
-    with_shift,
-)
-from .restore_node import fit_measurement
-from .sampler_nodes import make_problem
-from .sampling import (
-    FLOWDPS_SCHEDULER,
-    SCHEDULERS,
+from .bridge import (
+    FlowModel,
     RestorationProblem,
-    check_flow_model,
-    check_problem_fits,
-    make_room_for_decoder,
-    restore_sigmas,
-    sampler_seed,
+    RestoreRun,
+    comfy_parts,
+    decoder_copy,
+    denoiser,
+    flow_model,
+    restore,
+    run_seed,
+    sampler_generator,
+)
+from .common import (
+    CATEGORY_ROOT,
+    CATEGORY_SAMPLERS,
+    FLOWDPS_SCHEDULER,
+    RESTORE_VAE_TOOLTIP,
+    Operator,
+    cfg_shift_inputs,
+    restore_inputs,
     scheduler_input,
 )
+from .convert import pixels_to_image
+from .inputs import check_links, inputs_named
 
 logger = logging.getLogger(__name__)
 
@@ -130,16 +122,9 @@ def make_config(eta: float, kappa: float, ess_threshold: float, chunk_size: int,
 
 
 def make_afdps_problem(vae, operator, measurement, sigma_y: float) -> RestorationProblem:
-    """The measurement in the operator's space and sigma_y on the [-1, 1] scale (x2), validated."""
-    if not (math.isfinite(sigma_y) and sigma_y > 0):
-        raise ValueError(f"sigma_y must be > 0, got {sigma_y}")
-    return make_problem(vae, operator, measurement, "measurement", "squared", sigma_y)
-
-
-def particle_seed(seed: int, item: int) -> int:
-    """Seed of batch item ``item``'s particle generator: never ``seed`` itself, whose stream (on CPU) is the
-    NOISE input's (``prepare_noise``), so that particle 1 never starts from particle 0's noise."""
-    return sampler_seed(seed, item)
+    """The measurement in the operator's space with AFDPS's Gaussian likelihood: ``||y - A x||^2 / (2 sigma_y^2)``,
+    sigma_y (> 0) on the [-1, 1] scale."""
+    return RestorationProblem.from_inputs(vae, operator, measurement, "measurement", "squared", sigma_y)
 
 
 class AFDPSEnsembleSampler(comfy.samplers.Sampler):
@@ -151,71 +136,60 @@ class AFDPSEnsembleSampler(comfy.samplers.Sampler):
     """
 
     def __init__(self, problem: RestorationProblem, config: AFDPSConfig, n_particles: int, output: str = "best",
-                 *, keep_results: bool = False) -> None:
+                 *, keep_results: bool = False, flow: FlowModel | None = None) -> None:
         if output not in OUTPUTS:
             raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
         if isinstance(n_particles, bool) or not isinstance(n_particles, int) or n_particles < 1:
             raise ValueError(f"particles must be an integer >= 1, got {n_particles!r}")
-        if problem.sigma_y is None or not problem.sigma_y > 0:
-            raise ValueError(f"AFDPS needs sigma_y > 0, got {problem.sigma_y!r}")
         self.problem = problem
         self.config = config
         self.n_particles = n_particles
         self.output = output
         self.keep_results = keep_results
+        self.flow = flow
         self.results: list[AFDPSResult] = []
 
     def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
                disable_pbar=False):
         """ComfyUI's sampler interface: ``model_wrap`` is the guider; noise: (B, C, h, w) raw N(0, I);
-        latent_image: (B, C, h, w) model space. Returns (B, C, h, w) in model space."""
+        latent_image: (B, C, h, w) model space. Returns (B, C, h, w) in model space.
+
+        Particle 0 of batch item ``b`` starts from ``noise[b]``; the others, and all of the item's in-loop
+        randomness, come from the sampler's stream ``b`` of the run's seed (``bridge.sampler_generator``),
+        never the NOISE input's own stream, so that particle 1 never starts from particle 0's noise."""
         extra_args = {} if extra_args is None else extra_args
-        base = model_wrap.inner_model
-        check_flow_model(base, self.problem.vae, "AFDPS")
+        _, base = comfy_parts(model_wrap)
+        flow = self.flow if self.flow is not None else flow_model(base, self.problem.vae, "AFDPS")
         if denoise_mask is not None:
             raise ValueError("AFDPS does not use a latent noise_mask: remove it from the latent and describe the "
                              "missing region with an inpainting operator instead")
-        check_problem_fits(self.problem, noise.shape)
+        self.problem.check_fits(noise.shape)
         if latent_image is None:
             latent_image = torch.zeros_like(noise)
         sampling = base.model_sampling
         device = noise.device
-        seed = int(extra_args.get("seed") or 0)
         steps = len(sigmas) - 1
         start = sampling.noise_scaling(sigmas[0], noise, latent_image, self.max_denoise(model_wrap, sigmas))
-
-        def denoise(z: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-            mm.throw_exception_if_processing_interrupted()
-            return model_wrap(z, sigma, **extra_args)
+        denoise = denoiser(model_wrap, extra_args)
 
         self.results = []
         outputs = []
-        make_room_for_decoder(self.problem.vae, device)
-        decoder = GradDecoder(self.problem.vae, base.process_latent_out, device=device)
-        try:
-            forward = self.problem.operator.materialize(device=device, dtype=torch.float32).forward
-
-            def decode(z: torch.Tensor) -> torch.Tensor:
-                with torch.inference_mode(False):
-                    return decoder(z)
-
-            y_all = self.problem.measurement
+        with decoder_copy(self.problem.vae, flow, device) as decoder:
+            op, y_all = self.problem.on(device)
             for item in range(noise.shape[0]):
-                y = y_all[item if y_all.shape[0] > 1 else 0][None].to(device=device, dtype=torch.float32)
-                generator = torch.Generator(device=device).manual_seed(particle_seed(seed, item))
+                y = y_all[item if y_all.shape[0] > 1 else 0][None]
+                generator = sampler_generator(run_seed(extra_args), device, stream=item)
                 extra = torch.randn((self.n_particles - 1, *noise.shape[1:]), generator=generator, device=device,
                                     dtype=noise.dtype)
                 extra = sampling.noise_scaling(sigmas[0], extra, latent_image[item:item + 1].expand_as(extra))
                 z = torch.cat([start[item:item + 1], extra])
-                result = sample_afdps(denoise, z, sigmas, forward=forward, y=y, sigma_y=self.problem.sigma_y,
-                                      decode=decode, config=self.config, generator=generator,
+                result = sample_afdps(denoise, z, sigmas, forward=op.forward, y=y, sigma_y=self.problem.sigma_y,
+                                      decode=decoder, config=self.config, generator=generator,
                                       callback=_preview_callback(callback, steps))
                 logger.info("AFDPS item %d: %s", item, ensemble_summary(result))
                 if self.keep_results:
                     self.results.append(result)
                 outputs.append(getattr(result, self.output))
-        finally:
-            decoder.release()
         return sampling.inverse_noise_scaling(sigmas[-1], torch.cat(outputs))
 
 
@@ -269,6 +243,27 @@ def uncertainty(result: AFDPSResult) -> tuple[torch.Tensor, float]:
     return scaled.cpu(), peak
 
 
+def ensemble_outputs(results: list[AFDPSResult], y: torch.Tensor,
+                     operator) -> tuple[list[torch.Tensor], list[tuple[float, float]]]:
+    """The Restore node's image outputs for every photo's ensemble (best, weighted mean, the particles best first,
+    the uncertainty heat map and mask), and ``||A x - y||`` of the best and the mean. y: (1 or B, C, h, w)."""
+    best, mean, ensemble, masks, residuals = [], [], [], [], []
+    for item, result in enumerate(results):
+        images = result.images.float().cpu()
+        order = torch.argsort(result.weights.cpu(), descending=True, stable=True)
+        best.append(images[result.best_index][None])
+        mean.append(result.image_mean.float().cpu())
+        ensemble.append(images[order])
+        masks.append(uncertainty(result)[0])
+        y_item = y[item if y.shape[0] > 1 else 0][None].float().cpu()
+        residuals.append(tuple(float(torch.linalg.vector_norm(operator.forward(x) - y_item))
+                               for x in (best[-1], mean[-1])))
+    mask = torch.cat(masks)
+    outputs = [pixels_to_image(torch.cat(best)), pixels_to_image(torch.cat(mean)), pixels_to_image(torch.cat(ensemble)),
+               heat_map(mask), mask]
+    return outputs, residuals
+
+
 def restore_report(results: list[AFDPSResult], residuals: list[tuple[float, float]], *, particles: int,
                    steps: int, sigma_y: float) -> str:
     lines = [f"AFDPS: {particles} particles, {steps} steps, sigma_y {sigma_y:g} ([0, 1] scale)"]
@@ -296,7 +291,7 @@ class AFDPSSampler(io.ComfyNode):
                 "per step and image."
             ),
             inputs=[
-                io.Vae.Input("vae", tooltip="The model's VAE; a private copy of its decoder is differentiated."),
+                io.Vae.Input("vae", tooltip=RESTORE_VAE_TOOLTIP),
                 Operator.Input("operator", tooltip="The degradation that produced the measurement (operator nodes)."),
                 io.Image.Input("measurement", tooltip="The degraded photo (the operator's output size)."),
                 io.Int.Input("particles", default=8, min=1, max=256, tooltip=PARTICLES_TOOLTIP),
@@ -340,17 +335,10 @@ class AFDPSRestore(io.ComfyNode):
                 "measurement and must be a multiple of 16 pixels (otherwise the measurement is cropped)."
             ),
             inputs=[
-                io.Model.Input("model", tooltip=MODEL_TOOLTIP),
-                io.Conditioning.Input("positive", tooltip=POSITIVE_TOOLTIP),
-                io.Conditioning.Input("negative", tooltip=NEGATIVE_TOOLTIP),
-                io.Vae.Input("vae", tooltip="The model's VAE; a private copy of its decoder is differentiated."),
-                io.Image.Input("measurement", tooltip="The degraded photo."),
-                Operator.Input("operator", tooltip="The degradation that produced the photo (operator nodes)."),
+                *restore_inputs(),
                 io.Int.Input("particles", default=8, min=1, max=256, tooltip=PARTICLES_TOOLTIP),
                 io.Int.Input("steps", default=28, min=1, max=1000, tooltip="Sampling steps."),
-                io.Float.Input("cfg", default=0.0, min=0.0, max=30.0, step=0.1,
-                               tooltip=CFG_TOOLTIP + " afdps.md: 1-2; 1 keeps the weights exact."),
-                io.Float.Input("shift", default=0.0, min=0.0, max=100.0, step=0.01, tooltip=SHIFT_TOOLTIP),
+                *cfg_shift_inputs(cfg_note=" afdps.md: 1-2; 1 keeps the weights exact."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                              tooltip="Seed of the particles' noise, the SDE noise and the resampling."),
                 *ensemble_inputs(),
@@ -378,45 +366,15 @@ class AFDPSRestore(io.ComfyNode):
                 scheduler=FLOWDPS_SCHEDULER) -> io.NodeOutput:
         check_links(cls, model=model, positive=positive, negative=negative, vae=vae, measurement=measurement,
                     operator=operator)
-        if scheduler not in SCHEDULERS:
-            raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {scheduler!r}")
-        check_model_and_vae(model, vae, RESTORE_NAME)
         config = make_config(eta, kappa, ess_threshold, chunk_size, variant=variant, kappa_clip=kappa_clip)
         problem = make_afdps_problem(vae, operator, measurement, sigma_y)
-        y, image_shape = fit_measurement(operator, problem.measurement, RESTORE_NAME)
-        problem = dataclasses.replace(problem, measurement=y)
-        settings = restore_settings(model, shift, cfg, image_shape[2], image_shape[3])
-        logger.info("%s: %s", RESTORE_NAME, settings.describe())
 
-        patched = with_shift(model, settings.shift)
-        channels = patched.get_model_object("latent_format").latent_channels
-        ratio = vae.upscale_ratio
-        latent = torch.zeros(y.shape[0], channels, image_shape[2] // ratio, image_shape[3] // ratio)
-        check_problem_fits(problem, latent.shape)
-        sampler = AFDPSEnsembleSampler(problem, config, int(particles), "best", keep_results=True)
-        noise = comfy.sample.prepare_noise(latent, seed)
-        sigmas = restore_sigmas(patched.get_model_object("model_sampling"), scheduler, steps)
-        guider = comfy.samplers.CFGGuider(patched)
-        guider.set_conds(positive, negative)
-        guider.set_cfg(settings.cfg)
-        callback = latent_preview.prepare_callback(patched, steps)
-        guider.sample(noise, latent, sampler, sigmas, callback=callback,
-                      disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
+        def sampler(problem: RestorationProblem, flow: FlowModel) -> AFDPSEnsembleSampler:
+            return AFDPSEnsembleSampler(problem, config, int(particles), "best", keep_results=True, flow=flow)
 
-        results = sampler.results
-        sampler.results = []
-        best, mean, ensemble, masks, residuals = [], [], [], [], []
-        for item, result in enumerate(results):
-            images = result.images.float().cpu()
-            order = torch.argsort(result.weights.cpu(), descending=True, stable=True)
-            best.append(images[result.best_index][None])
-            mean.append(result.image_mean.float().cpu())
-            ensemble.append(images[order])
-            masks.append(uncertainty(result)[0])
-            y_item = y[item if y.shape[0] > 1 else 0][None].float().cpu()
-            residuals.append(tuple(float(torch.linalg.vector_norm(operator.forward(x) - y_item))
-                                   for x in (best[-1], mean[-1])))
-        mask = torch.cat(masks)
+        run = restore(RESTORE_NAME, model, positive, negative, problem, RestoreRun(seed, steps, cfg, shift, scheduler),
+                      sampler)
+        results, run.sampler.results = run.sampler.results, []
+        images, residuals = ensemble_outputs(results, run.problem.measurement, operator)
         report = restore_report(results, residuals, particles=int(particles), steps=steps, sigma_y=sigma_y)
-        return io.NodeOutput(pixels_to_image(torch.cat(best)), pixels_to_image(torch.cat(mean)),
-                             pixels_to_image(torch.cat(ensemble)), heat_map(mask), mask, report)
+        return io.NodeOutput(*images, report)

@@ -1,8 +1,10 @@
-"""Conversions between ComfyUI's tensor layouts and the pack's (the only place that knows both).
+"""Conversions between ComfyUI's conventions and the pack's (the only place that knows both).
 
 ComfyUI IMAGE: ``(B, H, W, C)`` float in [0, 1], C = 3 (or 4 with alpha, 1 for grey), on CPU.
 ComfyUI MASK: ``(B, H, W)`` or ``(H, W)`` float in [0, 1], 1 = the area to change (inpaint).
-Pack images: ``(B, C, H, W)`` float in [-1, 1] (the VAE decoder's range).
+Pack images: ``(B, C, H, W)`` float in [-1, 1] (the VAE decoder's range); the operators' masks are keep-masks
+(1 = known pixel), and measurement noise is a standard deviation on that [-1, 1] scale.
+UI noise levels (``sigma_y`` widgets): on ComfyUI's [0, 1] image scale, i.e. half the pack's.
 """
 
 from __future__ import annotations
@@ -11,7 +13,16 @@ import logging
 
 import torch
 
+from ..operators import GaussianNoise, LinearOperator
+from .inputs import inputs_named
+
 logger = logging.getLogger(__name__)
+
+PAPER_SIGMA_Y = 0.015
+"""FlowDPS's measurement noise on the [0, 1] scale of the widgets (0.03 on the [-1, 1] scale of solve.py)."""
+
+PIXEL_SCALE = 2.0
+"""[0, 1] image scale -> the pack's [-1, 1] scale: lengths (noise levels) double."""
 
 
 def image_to_pixels(image: torch.Tensor, *, name: str = "image") -> torch.Tensor:
@@ -65,3 +76,51 @@ def mask_to_batch(mask: torch.Tensor, *, name: str = "mask") -> torch.Tensor:
     if not torch.isfinite(mask).all():
         raise ValueError(f"{name}: contains NaN or infinite values")
     return mask.float()
+
+
+def pixel_sigma(sigma_y: float) -> float:
+    """A ``sigma_y`` widget (noise std on the [0, 1] image scale) on the pack's [-1, 1] scale (x2)."""
+    return PIXEL_SCALE * float(sigma_y)
+
+
+def measurement_noise(sigma_y: float) -> GaussianNoise:
+    """The noise model of a ``sigma_y`` widget ([0, 1] scale); errors name ``sigma_y``."""
+    with inputs_named({"sigma": "sigma_y"}):
+        return GaussianNoise(pixel_sigma(sigma_y))
+
+
+def keep_mask_from_comfy_mask(mask: torch.Tensor) -> torch.Tensor:
+    """A ComfyUI MASK (1 = area to inpaint, values in [0, 1]) as the operators' keep-mask: ``1 - mask`` (so, once
+    binarised at 0.5, ComfyUI values above 0.5 are missing and exactly 0.5 is known, as ComfyUI's own
+    inpainting nodes, VAE Encode for Inpainting and InpaintModelConditioning, round it: 0.5 rounds to 0)."""
+    return 1.0 - mask
+
+
+def comfy_mask_from_keep_mask(keep: torch.Tensor) -> torch.Tensor:
+    """An operator's keep-mask ``(B, 1, H, W)`` (1 = known) as a ComfyUI MASK ``(B, H, W)`` (1 = to fill)."""
+    return 1.0 - keep[:, 0]
+
+
+def measurement_pixels(operator: LinearOperator, image: torch.Tensor, *, name: str = "measurement") -> torch.Tensor:
+    """ComfyUI IMAGE ``(B, h, w, C)`` -> the measurement ``(B, C', h, w)`` in [-1, 1] the operator produces.
+
+    IMAGEs are RGB; an operator that measures one channel (colour-to-grey, ``operator.output_channels(3)``)
+    gets the channel mean. Raises ValueError, before any expensive work, when no image maps to a measurement
+    of this size (the operator's message names the sizes: a mask of another size, a kernel larger than the
+    image, ...).
+    """
+    pixels = image_to_pixels(image, name=name)
+    size = f"{pixels.shape[3]}x{pixels.shape[2]}"
+    try:
+        if operator.output_channels(pixels.shape[1]) == 1:
+            pixels = pixels.mean(dim=1, keepdim=True)
+        operator.input_shape(pixels.shape)
+    except ValueError as e:
+        raise ValueError(f"{name} ({size} pixels, W x H) does not fit the operator: {e}") from None
+    return pixels
+
+
+def unknown_mask(operator: LinearOperator, image_shape: tuple[int, ...]) -> torch.Tensor:
+    """ComfyUI MASK ``(B, h, w)`` in the measurement's size: 1 where the measurement carries no information
+    (``operator.unknown_measurement_mask``: the holes of an inpainting mask; all zeros for SR and blur)."""
+    return operator.unknown_measurement_mask(image_shape)[:, 0].float()

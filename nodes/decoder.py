@@ -1,11 +1,13 @@
-"""A differentiable copy of a ComfyUI VAE decoder, usable inside ComfyUI's ``torch.inference_mode()``.
+"""Differentiable private copies of a ComfyUI VAE's decoder and encoder, usable inside ComfyUI's inference mode.
 
 ComfyUI executes every node under ``torch.inference_mode()``, so the weights its loaders produce are
 inference tensors and autograd refuses to save them for backward ("Inference tensors cannot be saved for
 backward"). ``VAE.decode`` also clamps its output and may fall back to tiled decoding, neither of which is
 differentiable. :class:`GradDecoder` therefore deep-copies ``vae.first_stage_model`` once, *outside*
 inference mode, into ordinary tensors on the chosen device and dtype, and calls the copy's own ``decode``
-(unclamped) after converting model-space latents with the model's latent format (``process_out``).
+(unclamped) after converting model-space latents with the model's latent format (``process_out``);
+:class:`GradEncoder` does the same for the encoder (PSLD). :func:`frozen_copy` is the copy itself, also used
+for the diffusion model (``model_copy.py``).
 """
 
 from __future__ import annotations
@@ -13,23 +15,17 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 
-
-def _disable_comfy_casting(module: torch.nn.Module) -> None:
-    """comfy.ops layers cast weights per call; the private copy already has the right device and dtype."""
-    for m in module.modules():
-        if hasattr(m, "comfy_cast_weights"):
-            m.comfy_cast_weights = False
-
-
 ENCODER_PARTS = ("encoder", "taesd_encoder", "quant_conv")
+DECODER_PARTS = ("decoder", "taesd_decoder", "post_quant_conv")
 
 
 @contextlib.contextmanager
 def grad_enabled() -> Iterator[None]:
-    """Leave ComfyUI's inference mode and enable autograd (for the data-consistency gradient only)."""
+    """Leave ComfyUI's inference mode and enable autograd (for a gradient through a private copy)."""
     with torch.inference_mode(False), torch.enable_grad():
         yield
 
@@ -40,24 +36,22 @@ def clone_for_grad(t: torch.Tensor) -> torch.Tensor:
         return t.detach().clone()
 
 
-DECODER_PARTS = ("decoder", "taesd_decoder", "post_quant_conv")
+def frozen_copy(module: torch.nn.Module, exclude: tuple[str, ...] = (), **to: Any) -> torch.nn.Module:
+    """Deep copy of ``module`` in ordinary tensors, moved by ``module.to(**to)`` if given; frozen (no parameter
+    requires grad: gradients flow to the inputs only).
 
-
-def private_copy(first_stage: torch.nn.Module, exclude: tuple[str, ...], device: torch.device,
-                 dtype: torch.dtype) -> torch.nn.Module:
-    """Deep copy of a VAE's ``first_stage_model`` in ordinary tensors, without the parts named in ``exclude``.
-
-    Made outside inference mode, so autograd can save its weights; the excluded parts are replaced by
-    ``Identity`` placeholders in the copy (deepcopy's memo), so they are never copied. Frozen, eval mode.
+    Made outside inference mode, so autograd can save its weights (ComfyUI's loaders make inference tensors).
+    The submodules named in ``exclude`` are replaced by ``Identity`` placeholders in the copy (deepcopy's
+    memo), so they are never copied.
     """
-    memo = {id(getattr(first_stage, name)): torch.nn.Identity()
-            for name in exclude if isinstance(getattr(first_stage, name, None), torch.nn.Module)}
+    memo = {id(getattr(module, name)): torch.nn.Identity()
+            for name in exclude if isinstance(getattr(module, name, None), torch.nn.Module)}
     with torch.inference_mode(False):
-        module = copy.deepcopy(first_stage, memo).to(device=device, dtype=dtype)
-    module.requires_grad_(False)
-    module.eval()
-    _disable_comfy_casting(module)
-    return module
+        copied = copy.deepcopy(module, memo)
+        if to:
+            copied = copied.to(**to)
+    copied.requires_grad_(False)
+    return copied
 
 
 def module_bytes(module: torch.nn.Module) -> int:
@@ -66,7 +60,44 @@ def module_bytes(module: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-class GradDecoder:
+class PrivateVAEPart:
+    """Autograd-capable private copy of part of ``vae.first_stage_model`` (the decoder or the encoder), for one
+    sampling run.
+
+    Calling it runs the part outside ComfyUI's inference mode (so it can join a graph inside
+    :func:`grad_enabled`, and give ordinary tensors anywhere) on the copy's device and dtype, float32 or
+    float64 out. :meth:`release` drops the weights (they are also freed when the object is garbage-collected).
+    """
+
+    excluded: tuple[str, ...] = ()
+
+    def __init__(self, vae, latent_map: Callable[[torch.Tensor], torch.Tensor] | None, *,
+                 device: torch.device | str | None, dtype: torch.dtype) -> None:
+        self.device = torch.device(device) if device is not None else torch.device(vae.device)
+        self.dtype = dtype
+        self.latent_map = latent_map
+        module = frozen_copy(vae.first_stage_model, self.excluded, device=self.device, dtype=dtype).eval()
+        for m in module.modules():  # comfy.ops layers cast weights per call; the copy has its device and dtype
+            if hasattr(m, "comfy_cast_weights"):
+                m.comfy_cast_weights = False
+        self.module: torch.nn.Module | None = module
+
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        if self.module is None:
+            raise RuntimeError(f"this {type(self).__name__} was released")
+        with torch.inference_mode(False):
+            out = self._run(self.module, t.to(device=self.device, dtype=self.dtype))
+        return out if out.dtype == torch.float64 else out.float()
+
+    def _run(self, module: torch.nn.Module, t: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def release(self) -> None:
+        """Drop the private weights now."""
+        self.module = None
+
+
+class GradDecoder(PrivateVAEPart):
     """Autograd-capable private copy of ``vae.first_stage_model`` (decoder only).
 
     Args:
@@ -77,35 +108,21 @@ class GradDecoder:
         dtype: the copy's dtype; float32 by default whatever the VAE's dtype, so gradients are float32.
 
     Calling it maps ``z: (B, C, h, w)`` in model space to an image ``(B, 3, 8h, 8w)`` in about [-1, 1],
-    unclamped, float32 (float64 for a float64 copy). Call it inside :func:`grad_enabled`; gradients flow to ``z`` only (the copy's
-    parameters do not require grad). The encoder is not copied.
+    unclamped, float32 (float64 for a float64 copy). Inside :func:`grad_enabled` gradients flow to ``z`` only
+    (the copy's parameters do not require grad). The encoder is not copied.
     """
+
+    excluded = ENCODER_PARTS
 
     def __init__(self, vae, process_out: Callable[[torch.Tensor], torch.Tensor] | None = None, *,
                  device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> None:
-        self.device = torch.device(device) if device is not None else torch.device(vae.device)
-        self.dtype = dtype
-        self.process_out = process_out
-        self.module: torch.nn.Module | None = private_copy(vae.first_stage_model, ENCODER_PARTS, self.device,
-                                                           dtype)
+        super().__init__(vae, process_out, device=device, dtype=dtype)
 
-    def __call__(self, z: torch.Tensor) -> torch.Tensor:
-        if self.module is None:
-            raise RuntimeError("this GradDecoder was released")
-        if torch.is_inference_mode_enabled():
-            raise RuntimeError("call GradDecoder inside grad_enabled(): ComfyUI's inference mode is on")
-        z = z.to(device=self.device, dtype=self.dtype)
-        if self.process_out is not None:
-            z = self.process_out(z)
-        image = self.module.decode(z)
-        return image if image.dtype == torch.float64 else image.float()
-
-    def release(self) -> None:
-        """Drop the private weights now (they are also freed when the object is garbage-collected)."""
-        self.module = None
+    def _run(self, module: torch.nn.Module, z: torch.Tensor) -> torch.Tensor:
+        return module.decode(self.latent_map(z) if self.latent_map is not None else z)
 
 
-class GradEncoder:
+class GradEncoder(PrivateVAEPart):
     """Autograd-capable private copy of ``vae.first_stage_model`` (encoder only), for PSLD's gluing term.
 
     Args:
@@ -116,7 +133,7 @@ class GradEncoder:
 
     Calling it maps an image ``x: (B, 3, H, W)`` in [-1, 1] (unclamped) to the latent ``(B, C, H/8, W/8)``
     the VAE's own ``encode`` gives (its mean for a KL autoencoder, as ComfyUI's VAEEncode), in model space.
-    Call it inside :func:`grad_enabled`. The decoder is not copied.
+    The decoder is not copied.
 
     The official PSLD code instead draws a sample of the encoder's posterior (mean plus its std times fresh
     noise) at every step. We keep the mean on purpose: the gluing term is then a deterministic function of
@@ -125,23 +142,13 @@ class GradEncoder:
     real SD3 weights.
     """
 
+    excluded = DECODER_PARTS
+
     def __init__(self, vae, process_in: Callable[[torch.Tensor], torch.Tensor] | None = None, *,
                  device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> None:
-        self.device = torch.device(device) if device is not None else torch.device(vae.device)
-        self.dtype = dtype
-        self.process_in = process_in
-        self.module: torch.nn.Module | None = private_copy(vae.first_stage_model, DECODER_PARTS, self.device,
-                                                           dtype)
+        super().__init__(vae, process_in, device=device, dtype=dtype)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.module is None:
-            raise RuntimeError("this GradEncoder was released")
-        if torch.is_inference_mode_enabled():
-            raise RuntimeError("call GradEncoder inside grad_enabled(): ComfyUI's inference mode is on")
-        z = self.module.encode(x.to(device=self.device, dtype=self.dtype))
+    def _run(self, module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        z = module.encode(x)
         z = z if z.dtype == torch.float64 else z.float()
-        return self.process_in(z) if self.process_in is not None else z
-
-    def release(self) -> None:
-        """Drop the private weights now (they are also freed when the object is garbage-collected)."""
-        self.module = None
+        return self.latent_map(z) if self.latent_map is not None else z

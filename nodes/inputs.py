@@ -5,8 +5,9 @@ Two gaps of ComfyUI that these close:
 * its validation converts and range-checks widget values (numbers, combos) but passes on a literal value sent
   through the API where a link belongs (an IMAGE, a MASK, an operator...): :func:`check_links` refuses it by
   the input's name and socket type, before any work;
-* a sampler config names its own fields (``eta_v``), not the node inputs that fed them (``eta``):
-  :func:`inputs_named` re-raises a :class:`~..samplers.ConfigError` with the input's name.
+* a sampler config or an operator names its own fields (``eta_v``, ``kernel size``), not the node inputs that
+  fed them (``eta``, ``kernel_size``): :func:`inputs_named` re-raises a :class:`~..samplers.ConfigError` or an
+  :class:`~..operators.ParameterError` with the input's name.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from contextlib import contextmanager
 import torch
 from comfy_api.latest import io
 
-from ..samplers import ConfigError
+from ..operators import ParameterError
+from ..samplers import ConfigError, Schedule
 from .common import OPERATOR_TYPE
 
 LITERALS = (str, int, float, bool, dict, type(None))
@@ -79,11 +81,20 @@ def check_links(node: type[io.ComfyNode], **values: object) -> None:
 
 @contextmanager
 def inputs_named(inputs: Mapping[str, str]) -> Iterator[None]:
-    """Re-raise a :class:`ConfigError` about a field in ``inputs`` (config field -> node input) with the input's
-    name; other errors pass unchanged."""
+    """Re-raise a :class:`ConfigError` or :class:`ParameterError` about a field in ``inputs`` (field -> node
+    input) with the input's name; other errors pass unchanged."""
     try:
         yield
-    except ConfigError as e:
+    except (ConfigError, ParameterError) as e:
         if e.field not in inputs:
             raise
         raise ValueError(e.message(inputs[e.field])) from e
+
+
+STEP_INPUTS = {"start": "step_size", "end": "step_size_end"}  # Schedule field -> node input
+
+
+def step_schedule(start: float, end: float) -> float | Schedule:
+    """The step_size / step_size_end inputs as a constant or a linear ramp (-1: constant; errors name them)."""
+    with inputs_named(STEP_INPUTS):
+        return start if end < 0 or end == start else Schedule(start=start, end=end)

@@ -6,11 +6,17 @@ import comfy.model_management as mm
 import torch
 from comfy_api.latest import io
 
-from ..operators import CG_MAX_ITER, PAPER_SIGMA_Y, GaussianNoise
+from ..operators import CG_MAX_ITER
 from .common import CATEGORY_MEASUREMENT, Operator
-from .convert import image_to_pixels, pixels_to_image
+from .convert import (
+    PAPER_SIGMA_Y,
+    image_to_pixels,
+    measurement_noise,
+    measurement_pixels,
+    pixels_to_image,
+    unknown_mask,
+)
 from .inputs import check_links
-from .measurement import measurement_pixels, unknown_mask
 
 PREVIEW_CG_ITERATIONS = 50  # default cap for operators without a closed-form pseudo-inverse (blurs)
 
@@ -51,7 +57,7 @@ class SimulateMeasurement(io.ComfyNode):
         check_links(cls, image=image, operator=operator)
         x = image_to_pixels(image, name="image")
         operator.output_shape(x.shape)  # checks the size rules (factor, kernel, mask) before any work
-        noise = GaussianNoise(sigma_y)  # checks sigma_y
+        noise = measurement_noise(sigma_y)  # checks sigma_y
         y = operator.forward(x.to(mm.get_torch_device())).cpu()
         y = noise.apply(y, torch.Generator().manual_seed(seed))  # CPU noise: the same seed on every machine
         return io.NodeOutput(pixels_to_image(y, clamp=bool(clip)), unknown_mask(operator, tuple(x.shape)))

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from .decoder import module_bytes
+from .decoder import frozen_copy, module_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -50,9 +50,7 @@ class GradDiffusionModel:
         if not isinstance(original, torch.nn.Module):
             raise ValueError(f"cannot copy the diffusion model of {type(base).__name__}: it has no "
                              f"'diffusion_model' module")
-        with torch.inference_mode(False):
-            module = copy.deepcopy(original)
-        module.requires_grad_(False)                                    # gradients flow to the latent only
+        module = frozen_copy(original)                                  # gradients flow to the latent only
         proxy = copy.copy(base)                                         # shares every attribute with base ...
         proxy.__dict__["_modules"] = {**base._modules, "diffusion_model": module}  # ... but its submodules
         self.module: torch.nn.Module | None = module

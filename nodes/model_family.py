@@ -304,21 +304,3 @@ def with_shift(model: Any, shift: float) -> Any:
     patched = model.clone()
     patched.add_object_patch("model_sampling", sampling)
     return patched
-
-
-# Tooltips shared by the Restore nodes (FlowDPS Restore, AFDPS Restore).
-MODEL_TOOLTIP = ("A rectified-flow model from ComfyUI's loaders: SD3 medium, SD3.5 medium/large "
-                 "(CheckpointLoaderSimple or UNETLoader) or Flux.1 dev/schnell (UNETLoader). SD1.5/SDXL models are "
-                 "refused with an error.")
-POSITIVE_TOOLTIP = ("What the photo shows (the paper: 'a photo of ...'). Flux dev takes its guidance from here: "
-                    "put a FluxGuidance node (default 3.5) after the text encoder.")
-NEGATIVE_TOOLTIP = ("Negative prompt. The paper's setting (SD3, CFG 2) is the empty prompt encoded by the text "
-                    "encoders (a CLIP Text Encode with no text), not ConditioningZeroOut, whose zeros are a "
-                    "different negative for SD3's guidance. Unused at CFG 1, Flux's default: connect the positive "
-                    "prompt or a ConditioningZeroOut.")
-CFG_TOOLTIP = ("Classifier-free guidance scale. 0 = the model family's default: SD3 2.0 (paper), SD3.5 2.0, Flux 1 "
-               "(guidance-distilled: no negative pass; set its guidance with FluxGuidance instead).")
-SHIFT_TOOLTIP = ("Time shift s of the flow schedule for this run only (ModelSamplingSD3's shift: sigma = s t / "
-                 "(1 + (s - 1) t)). 0 = the model family's default: SD3 4.0 (paper; ComfyUI's default is 3.0), SD3.5 "
-                 "3.0, Flux dev from the image size (ModelSamplingFlux: 1.65 at 256 px, 3.16 at 1024 px; its shift "
-                 "is ln s), Flux schnell 1.0.")

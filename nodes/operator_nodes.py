@@ -3,7 +3,8 @@
 Operators are cheap descriptions (a factor, a kernel, a mask); the image size is only known when a
 measurement or image arrives, so size rules (factor divides the size, kernel fits, mask matches) are checked
 by the nodes that receive an image (Simulate measurement, Pseudo-inverse preview, the samplers), before any
-expensive work. Parameter rules (odd kernel size, sigma > 0, ...) are checked here.
+expensive work. Parameter rules (odd kernel size, sigma > 0, ...) are the operators' own, checked when a node
+builds its operator; their messages name the node's widgets.
 """
 
 from __future__ import annotations
@@ -31,14 +32,13 @@ from ..operators import (
     PaperGaussianBlur,
     box_mask,
     gaussian_blur,
-    keep_mask_from_comfy_mask,
     motion_blur,
     random_mask,
     validate_kernel,
 )
 from .common import CATEGORY_OPERATORS, Operator
-from .convert import mask_to_batch
-from .inputs import check_links
+from .convert import comfy_mask_from_keep_mask, keep_mask_from_comfy_mask, mask_to_batch
+from .inputs import check_links, inputs_named
 
 BOUNDARY_TOOLTIP = ("What lies outside the image: 'reflect' mirrors it at the edges (natural photos), 'circular' "
                     "wraps around (closed-form pseudo-inverse), 'zero' is black.")
@@ -49,10 +49,8 @@ KERNEL_CONVENTIONS = ("point-spread function", "correlation kernel")
 RANDOM_MISSING_RATIO = 0.7  # not from FlowDPS (its inpainting is not exposed); a common choice in the DPS family
 
 
-def _odd_kernel_size(size: int) -> int:
-    if size % 2 == 0:
-        raise ValueError(f"kernel_size {size} is even; blur kernels need an odd size (a centre pixel), e.g. {size + 1}")
-    return size
+KERNEL_SIZE_INPUT = {"kernel size": "kernel_size", "motion kernel size": "kernel_size"}
+"""Operator parameter -> the blur nodes' widget (the operators check the size and its parity)."""
 
 
 def _operator_output() -> io.Output:
@@ -145,7 +143,8 @@ class GaussianBlurOperator(io.ComfyNode):
 
     @classmethod
     def execute(cls, kernel_size, sigma, boundary) -> io.NodeOutput:
-        return io.NodeOutput(gaussian_blur(_odd_kernel_size(kernel_size), sigma, boundary))
+        with inputs_named(KERNEL_SIZE_INPUT):
+            return io.NodeOutput(gaussian_blur(kernel_size, sigma, boundary))
 
 
 class PaperGaussianBlurOperator(io.ComfyNode):
@@ -174,7 +173,8 @@ class PaperGaussianBlurOperator(io.ComfyNode):
 
     @classmethod
     def execute(cls, kernel_size, sigma) -> io.NodeOutput:
-        return io.NodeOutput(PaperGaussianBlur(_odd_kernel_size(kernel_size), sigma))
+        with inputs_named(KERNEL_SIZE_INPUT):
+            return io.NodeOutput(PaperGaussianBlur(kernel_size, sigma))
 
 
 class MotionBlurOperator(io.ComfyNode):
@@ -209,7 +209,8 @@ class MotionBlurOperator(io.ComfyNode):
 
     @classmethod
     def execute(cls, kernel_size, intensity, seed, boundary) -> io.NodeOutput:
-        blur = motion_blur(_odd_kernel_size(kernel_size), intensity, torch.Generator().manual_seed(seed), boundary)
+        with inputs_named(KERNEL_SIZE_INPUT):
+            blur = motion_blur(kernel_size, intensity, torch.Generator().manual_seed(seed), boundary)
         return io.NodeOutput(blur, kernel_to_image(blur.kernel))
 
 
@@ -282,7 +283,7 @@ class BoxInpaintOperator(io.ComfyNode):
     @classmethod
     def execute(cls, width, height, box_left, box_top, box_width, box_height) -> io.NodeOutput:
         keep = box_mask(height, width, box_top, box_left, box_height, box_width)
-        return io.NodeOutput(Inpainting(keep), keep_mask_from_comfy_mask(keep[:, 0]))
+        return io.NodeOutput(Inpainting(keep), comfy_mask_from_keep_mask(keep))
 
 
 class RandomInpaintOperator(io.ComfyNode):
@@ -308,7 +309,7 @@ class RandomInpaintOperator(io.ComfyNode):
     @classmethod
     def execute(cls, width, height, missing_ratio, seed) -> io.NodeOutput:
         keep = random_mask(height, width, missing_ratio, torch.Generator().manual_seed(seed))
-        return io.NodeOutput(Inpainting(keep), keep_mask_from_comfy_mask(keep[:, 0]))
+        return io.NodeOutput(Inpainting(keep), comfy_mask_from_keep_mask(keep))
 
 
 class MaskInpaintOperator(io.ComfyNode):

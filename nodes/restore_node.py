@@ -2,80 +2,25 @@
 
 from __future__ import annotations
 
-import dataclasses
-import logging
-
-import comfy.model_management as mm
-import comfy.sample
 import comfy.samplers
-import comfy.utils
-import latent_preview
-import torch
 from comfy_api.latest import io
 
 from ..samplers import FlowChefConfig, FlowDPSConfig, PSLDConfig
-from .common import CATEGORY_ROOT
-from .inputs import check_links
-from .model_family import (
-    CFG_TOOLTIP,
-    MODEL_TOOLTIP,
-    NEGATIVE_TOOLTIP,
-    POSITIVE_TOOLTIP,
-    SHIFT_TOOLTIP,
-    check_model_and_vae,
-    restore_settings,
-    with_shift,
-)
-from .psld_sampling import sample_psld
-from .sampler_nodes import (
+from .bridge import RestorationProblem, RestoreRun, restore, sample_posterior, sample_psld
+from .common import (
+    CATEGORY_ROOT,
+    FLOWDPS_SCHEDULER,
     PSLD_MEMORY_NOTE,
     STEP_SIZE_NOTE,
-    Operator,
+    cfg_shift_inputs,
     data_inputs,
-    make_problem,
-    step_schedule,
+    restore_inputs,
+    scheduler_input,
 )
-from .sampling import FLOWDPS_SCHEDULER, SCHEDULERS, restore_sigmas, sample_posterior, scheduler_input
-
-logger = logging.getLogger(__name__)
+from .inputs import check_links, step_schedule
 
 NAME = "FlowDPS Restore"  # the display name, which messages and log lines start with
 METHODS = ("flowdps", "flowchef", "psld")
-MAX_CROP = 64  # largest crop of the measurement (pixels per side) tried by fit_measurement
-SD3_MULTIPLE = 16  # SD3 latents are 1/8 of the image and patchified by 2: image sides must be multiples of 16
-
-
-def shifted_model(model, shift: float):
-    """A clone of ``model`` with rectified-flow sampling shifted by ``shift`` (what ModelSamplingSD3 does; for
-    Flux dev, ModelSamplingFlux with ``ln(shift)``: see model_family.with_shift)."""
-    return with_shift(model, shift)
-
-
-def fit_measurement(operator, measurement: torch.Tensor, node: str) -> tuple[torch.Tensor, tuple[int, ...]]:
-    """Crop the measurement (bottom/right) until the image it implies has sides that are multiples of 16.
-
-    measurement: (B, C, h, w); node: the display name that the crop warning starts with. Returns the (possibly
-    cropped) measurement and the image shape (B, 3, H, W).
-    Raises ValueError when no crop works (for example a mask operator of a fixed, unsuitable size).
-    """
-    b, c, h, w = measurement.shape
-    error: ValueError | None = None
-    for dh in range(min(h, MAX_CROP + 1)):
-        for dw in range(min(w, MAX_CROP + 1)):
-            try:
-                shape = tuple(operator.input_shape((b, c, h - dh, w - dw)))
-            except ValueError as e:
-                error = error or e
-                continue
-            if shape[2] % SD3_MULTIPLE or shape[3] % SD3_MULTIPLE:
-                continue
-            if dh or dw:
-                logger.warning("%s: cropped the measurement from %dx%d to %dx%d (W x H) so that the restored "
-                               "image (%dx%d) is a multiple of %d pixels", node, w, h, w - dw, h - dh, shape[3],
-                               shape[2], SD3_MULTIPLE)
-            return measurement[:, :, : h - dh, : w - dw], shape
-    raise ValueError(f"the measurement ({w}x{h}, W x H) cannot be fitted to an image whose sides are multiples of "
-                     f"{SD3_MULTIPLE} pixels with this operator ({error or f'no crop of up to {MAX_CROP} pixels works'})")
 
 
 class FlowDPSRestore(io.ComfyNode):
@@ -96,17 +41,11 @@ class FlowDPSRestore(io.ComfyNode):
                 "method differentiates the diffusion model: it needs a second copy of the model's weights in memory."
             ),
             inputs=[
-                io.Model.Input("model", tooltip=MODEL_TOOLTIP),
-                io.Conditioning.Input("positive", tooltip=POSITIVE_TOOLTIP),
-                io.Conditioning.Input("negative", tooltip=NEGATIVE_TOOLTIP),
-                io.Vae.Input("vae", tooltip="The model's VAE; a private copy of its decoder is differentiated."),
-                io.Image.Input("measurement", tooltip="The degraded photo."),
-                Operator.Input("operator", tooltip="The degradation that produced the photo (operator nodes)."),
+                *restore_inputs(),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                              tooltip="Seed of the initial noise and of FlowDPS's renoising."),
                 io.Int.Input("steps", default=28, min=1, max=1000, tooltip="Sampling steps (paper: 28)."),
-                io.Float.Input("cfg", default=0.0, min=0.0, max=30.0, step=0.1, tooltip=CFG_TOOLTIP),
-                io.Float.Input("shift", default=0.0, min=0.0, max=100.0, step=0.01, tooltip=SHIFT_TOOLTIP),
+                *cfg_shift_inputs(),
                 io.Combo.Input("method", options=list(METHODS), default="flowdps",
                                tooltip="flowdps: the paper's method; flowchef: the baseline (one gradient per "
                                        "step, deterministic); psld: the PSLD baseline (gradient through the "
@@ -136,34 +75,15 @@ class FlowDPSRestore(io.ComfyNode):
                     operator=operator)
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-        if scheduler not in SCHEDULERS:
-            raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {scheduler!r}")
-        check_model_and_vae(model, vae, NAME)
-        problem = make_problem(vae, operator, measurement, residual, norm, sigma_y)
-        y, image_shape = fit_measurement(operator, problem.measurement, NAME)
-        problem = dataclasses.replace(problem, measurement=y)
-        settings = restore_settings(model, shift, cfg, image_shape[2], image_shape[3])
-        logger.info("%s: %s", NAME, settings.describe())
+        problem = RestorationProblem.from_inputs(vae, operator, measurement, residual, norm, sigma_y)
         step = step_schedule(step_size, step_size_end)
         config = {"flowdps": lambda: FlowDPSConfig(dc_steps=dc_steps, step_size=step),
                   "flowchef": lambda: FlowChefConfig(step_size=step),
                   "psld": lambda: PSLDConfig(step_size=step)}[method]()
-        sample_function = sample_psld if method == "psld" else sample_posterior
+        function = sample_psld if method == "psld" else sample_posterior
 
-        patched = shifted_model(model, settings.shift)
-        channels = patched.get_model_object("latent_format").latent_channels
-        ratio = vae.upscale_ratio
-        batch = y.shape[0]
-        latent = torch.zeros(batch, channels, image_shape[2] // ratio, image_shape[3] // ratio)
-        noise = comfy.sample.prepare_noise(latent, seed)
-        sigmas = restore_sigmas(patched.get_model_object("model_sampling"), scheduler, steps)
-        guider = comfy.samplers.CFGGuider(patched)
-        guider.set_conds(positive, negative)
-        guider.set_cfg(settings.cfg)
-        sampler = comfy.samplers.KSAMPLER(sample_function, extra_options={"problem": problem, "config": config})
-        callback = latent_preview.prepare_callback(patched, steps)
-        samples = guider.sample(noise, latent, sampler, sigmas, callback=callback,
-                                disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
-        samples = samples.to(mm.intermediate_device())
-        image = vae.decode(samples)
-        return io.NodeOutput(image, {"samples": samples})
+        def sampler(problem: RestorationProblem, flow) -> comfy.samplers.KSAMPLER:
+            return comfy.samplers.KSAMPLER(function, extra_options={"problem": problem, "config": config, "flow": flow})
+
+        run = restore(NAME, model, positive, negative, problem, RestoreRun(seed, steps, cfg, shift, scheduler), sampler)
+        return io.NodeOutput(vae.decode(run.samples), {"samples": run.samples})

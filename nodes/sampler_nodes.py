@@ -1,4 +1,4 @@
-"""SAMPLER nodes for SamplerCustomAdvanced: FlowDPS, FlowChef and PSLD.
+"""SAMPLER nodes for SamplerCustomAdvanced: FlowDPS, FlowChef and PSLD, and the official FlowDPS SIGMAS.
 
 They combine with any NOISE, GUIDER (CFG, CFG schedules via guider nodes) and SIGMAS node. The latent
 given to SamplerCustomAdvanced must decode to the image size the operator expects (for SR x4 of a
@@ -10,66 +10,25 @@ from __future__ import annotations
 import comfy.samplers
 from comfy_api.latest import io
 
-from ..samplers import FlowChefConfig, FlowDPSConfig, PSLDConfig, Schedule
-from .common import CATEGORY_SAMPLERS, Operator
-from .inputs import check_links, inputs_named
-from .measurement import measurement_pixels
-from .psld_sampling import sample_psld
-from .sampling import NORMS, RESIDUALS, RestorationProblem, flowdps_grid, sample_posterior
+from ..samplers import FlowChefConfig, FlowDPSConfig, PSLDConfig
+from .bridge import RestorationProblem, flowdps_grid, sample_posterior, sample_psld
+from .common import (
+    CATEGORY_SAMPLERS,
+    PSLD_MEMORY_NOTE,
+    STEP_SIZE_NOTE,
+    data_inputs,
+    problem_inputs,
+)
+from .inputs import check_links, step_schedule
 
-RESIDUAL_TOOLTIP = ("Space of the data-consistency residual. 'auto': the official FlowDPS code's choice for the "
-                    "operator: the pseudo-inverse for super-resolution, the measurement itself for motion and "
-                    "custom-kernel blurs (the official code's 'adjoint' there is the identity), the adjoint for "
-                    "Gaussian blurs, inpainting and colourisation; for a composition the adjoint (or the "
-                    "measurement when a part asks for it). 'pinv' ||A+y - A+Ax||, 'adjoint' ||ATy - ATAx|| (the "
-                    "exact adjoint, for any operator), 'measurement' ||y - Ax||.")
-NORM_TOOLTIP = ("'paper': the un-squared Euclidean norm of the residual (official FlowDPS); 'squared': "
-                "||r||^2 / (2 sigma_y^2), the Gaussian log-likelihood (use a much smaller step size).")
-STEP_SIZE_NOTE = ("With the paper norm the step is a distance in latent space tuned for 768 px SD3 latents: other "
-                  "sizes, tasks or the squared norm need another value.")
-PSLD_MEMORY_NOTE = ("Memory: PSLD back-propagates through the diffusion model, so for the run it holds a private "
-                    "copy of the diffusion model's weights (as large as the loaded model: about 4 GB for SD3 medium "
-                    "and 5 GB for SD3.5 medium in 16-bit, 16 GB for SD3.5 large) and of the VAE encoder, plus the "
-                    "transformer's activations for one backward pass. Time: per step one backward pass through the "
-                    "transformer, the decoder and the encoder (FlowDPS: three through the decoder only).")
-SIGMA_Y_TOOLTIP = ("Measurement noise std on the [0, 1] image scale (only used by the 'squared' norm). The paper "
-                   "simulates 0.03 on the [-1, 1] scale, i.e. 0.015 here.")
+PSLD_RESIDUAL_TOOLTIP = ("Space of the measurement term: 'auto' is PSLD's ||y - Ax|| ('measurement'); "
+                         "'pinv'/'adjoint' also choose P of the gluing term, which is otherwise the pseudo-inverse "
+                         "for super-resolution and the adjoint for the rest.")
 
 
-def common_inputs() -> list:
-    return [
-        io.Vae.Input("vae", tooltip="The VAE of the model; a private copy of its decoder is differentiated."),
-        Operator.Input("operator", tooltip="The degradation that produced the measurement (operator nodes)."),
-        io.Image.Input("measurement", tooltip="The degraded photo (the operator's output size)."),
-    ]
-
-
-def data_inputs() -> list:
-    return [
-        io.Combo.Input("residual", options=list(RESIDUALS), default="auto", tooltip=RESIDUAL_TOOLTIP),
-        io.Combo.Input("norm", options=list(NORMS), default="paper", tooltip=NORM_TOOLTIP),
-        io.Float.Input("sigma_y", default=0.015, min=0.0, max=1.0, step=0.001, tooltip=SIGMA_Y_TOOLTIP),
-    ]
-
-
-STEP_INPUTS = {"start": "step_size", "end": "step_size_end"}  # Schedule field -> node input
-
-
-def step_schedule(start: float, end: float) -> float | Schedule:
-    """The step_size / step_size_end inputs as a constant or a ramp (errors name those inputs)."""
-    with inputs_named(STEP_INPUTS):
-        return start if end < 0 or end == start else Schedule(start=start, end=end)
-
-
-def make_problem(vae, operator, measurement, residual: str, norm: str, sigma_y: float) -> RestorationProblem:
-    """Validate node inputs (before any sampling) and build the problem; raises ValueError with the value."""
-    if residual not in RESIDUALS:
-        raise ValueError(f"residual must be one of {RESIDUALS}, got {residual!r}")
-    if norm not in NORMS:
-        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
-    pixels = measurement_pixels(operator, measurement)
-    return RestorationProblem(vae=vae, operator=operator, measurement=pixels, residual=residual, norm=norm,
-                              sigma_y=2.0 * sigma_y if norm == "squared" else None)
+def ksampler(function, problem: RestorationProblem, config) -> comfy.samplers.KSAMPLER:
+    """The SAMPLER of a sampler function for a problem and a config (the model is checked at sample time)."""
+    return comfy.samplers.KSAMPLER(function, extra_options={"problem": problem, "config": config})
 
 
 class FlowDPSSampler(io.ComfyNode):
@@ -89,7 +48,7 @@ class FlowDPSSampler(io.ComfyNode):
                 "SD3.5 likewise (its own shift is 3); Flux with CFG 1 (BasicGuider) and FluxGuidance on the prompt."
             ),
             inputs=[
-                *common_inputs(),
+                *problem_inputs(),
                 io.Int.Input("dc_steps", default=3, min=1, max=50,
                              tooltip="K: gradient steps on the clean-latent estimate per sampling step (paper: 3)."),
                 io.Float.Input("step_size", default=15.0, min=0.0, max=1000.0, step=0.1,
@@ -106,10 +65,9 @@ class FlowDPSSampler(io.ComfyNode):
     def execute(cls, vae, operator, measurement, dc_steps, step_size, step_size_end, residual, norm,
                 sigma_y) -> io.NodeOutput:
         check_links(cls, vae=vae, operator=operator, measurement=measurement)
-        problem = make_problem(vae, operator, measurement, residual, norm, sigma_y)
+        problem = RestorationProblem.from_inputs(vae, operator, measurement, residual, norm, sigma_y)
         config = FlowDPSConfig(dc_steps=dc_steps, step_size=step_schedule(step_size, step_size_end))
-        return io.NodeOutput(comfy.samplers.KSAMPLER(sample_posterior,
-                                                     extra_options={"problem": problem, "config": config}))
+        return io.NodeOutput(ksampler(sample_posterior, problem, config))
 
 
 class FlowChefSampler(io.ComfyNode):
@@ -127,7 +85,7 @@ class FlowChefSampler(io.ComfyNode):
                 "than FlowDPS."
             ),
             inputs=[
-                *common_inputs(),
+                *problem_inputs(),
                 io.Float.Input("step_size", default=15.0, min=0.0, max=1000.0, step=0.1,
                                tooltip=("Gradient step size (the repository's solve.py passes 15). " + STEP_SIZE_NOTE)),
                 *data_inputs(),
@@ -138,10 +96,9 @@ class FlowChefSampler(io.ComfyNode):
     @classmethod
     def execute(cls, vae, operator, measurement, step_size, residual, norm, sigma_y) -> io.NodeOutput:
         check_links(cls, vae=vae, operator=operator, measurement=measurement)
-        problem = make_problem(vae, operator, measurement, residual, norm, sigma_y)
+        problem = RestorationProblem.from_inputs(vae, operator, measurement, residual, norm, sigma_y)
         config = FlowChefConfig(step_size=step_size)
-        return io.NodeOutput(comfy.samplers.KSAMPLER(sample_posterior,
-                                                     extra_options={"problem": problem, "config": config}))
+        return io.NodeOutput(ksampler(sample_posterior, problem, config))
 
 
 class PSLDSampler(io.ComfyNode):
@@ -160,7 +117,7 @@ class PSLDSampler(io.ComfyNode):
                 "expensive and weakest of the three methods in the published comparison. " + PSLD_MEMORY_NOTE
             ),
             inputs=[
-                *common_inputs(),
+                *problem_inputs(),
                 io.Float.Input("step_size", default=15.0, min=0.0, max=1000.0, step=0.1,
                                tooltip=("Gradient step on the noisy latent at the first step (the repository's "
                                         "solve.py passes 15). 0 is plain Euler sampling with no copy made. "
@@ -172,13 +129,7 @@ class PSLDSampler(io.ComfyNode):
                 io.Float.Input("gluing_weight", default=0.1, min=0.0, max=100.0, step=0.01,
                                tooltip="Weight of the gluing term ||z0 - E(P y + D(z0) - P A D(z0))|| "
                                        "(official: 0.1); 0 skips the encoder's gradient."),
-                io.Combo.Input("residual", options=list(RESIDUALS), default="auto",
-                               tooltip=("Space of the measurement term: 'auto' is PSLD's ||y - Ax|| "
-                                        "('measurement'); 'pinv'/'adjoint' also choose P of the gluing term, "
-                                        "which is otherwise the pseudo-inverse for super-resolution and the "
-                                        "adjoint for the rest.")),
-                io.Combo.Input("norm", options=list(NORMS), default="paper", tooltip=NORM_TOOLTIP),
-                io.Float.Input("sigma_y", default=0.015, min=0.0, max=1.0, step=0.001, tooltip=SIGMA_Y_TOOLTIP),
+                *data_inputs(residual_tooltip=PSLD_RESIDUAL_TOOLTIP),
             ],
             outputs=[io.Sampler.Output()],
         )
@@ -187,10 +138,10 @@ class PSLDSampler(io.ComfyNode):
     def execute(cls, vae, operator, measurement, step_size, step_size_end, measurement_weight, gluing_weight,
                 residual, norm, sigma_y) -> io.NodeOutput:
         check_links(cls, vae=vae, operator=operator, measurement=measurement)
-        problem = make_problem(vae, operator, measurement, residual, norm, sigma_y)
+        problem = RestorationProblem.from_inputs(vae, operator, measurement, residual, norm, sigma_y)
         config = PSLDConfig(step_size=step_schedule(step_size, step_size_end), measurement_weight=measurement_weight,
                             gluing_weight=gluing_weight)
-        return io.NodeOutput(comfy.samplers.KSAMPLER(sample_psld, extra_options={"problem": problem, "config": config}))
+        return io.NodeOutput(ksampler(sample_psld, problem, config))
 
 
 class FlowDPSSigmas(io.ComfyNode):

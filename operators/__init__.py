@@ -7,7 +7,16 @@ live in :mod:`.testing`.
 This package never imports ComfyUI (enforced by ruff's banned-api rule).
 """
 
-from .base import CG_MAX_ITER, CG_TOL, RESIDUAL_SPACES, Composed, LinearOperator, conjugate_gradient
+from .base import (
+    CG_MAX_ITER,
+    CG_TOL,
+    RESIDUAL_SPACES,
+    UNKNOWN_ATOL,
+    Composed,
+    LinearOperator,
+    ParameterError,
+    conjugate_gradient,
+)
 from .basic import BT601_WEIGHTS, MEAN_WEIGHTS, Grayscale, Identity
 from .blur import (
     BOUNDARIES,
@@ -25,11 +34,10 @@ from .inpainting import (
     Inpainting,
     box_mask,
     fit_mask,
-    keep_mask_from_comfy_mask,
     random_mask,
 )
 from .motion import MOTION_INTENSITY, MOTION_KERNEL_SIZE, motion_kernel
-from .noise import PAPER_SIGMA_Y, GaussianNoise
+from .noise import GaussianNoise
 from .paper import (
     PAPER_GAUSSIAN_KERNEL_SIZE,
     PAPER_GAUSSIAN_SIGMA,
@@ -57,10 +65,10 @@ __all__ = [
     "MOTION_KERNEL_SIZE",
     "PAPER_GAUSSIAN_KERNEL_SIZE",
     "PAPER_GAUSSIAN_SIGMA",
-    "PAPER_SIGMA_Y",
     "PAPER_SR_FACTOR",
     "PAPER_SVD_THRESHOLD",
     "RESIDUAL_SPACES",
+    "UNKNOWN_ATOL",
     "AvgPoolSR",
     "BicubicSR",
     "Blur",
@@ -71,13 +79,13 @@ __all__ = [
     "Inpainting",
     "LinearOperator",
     "PaperGaussianBlur",
+    "ParameterError",
     "bicubic_matrices",
     "box_mask",
     "conjugate_gradient",
     "fit_mask",
     "gaussian_blur",
     "gaussian_kernel",
-    "keep_mask_from_comfy_mask",
     "motion_blur",
     "motion_kernel",
     "paper_channel_scales",

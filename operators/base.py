@@ -40,6 +40,10 @@ ill-conditioned blurs this early stop acts as a regulariser)."""
 
 Shape = tuple[int, int, int, int]
 
+UNKNOWN_ATOL = 1e-6
+"""``|A (|A^T 1|)|`` below this marks a measurement pixel that carries no information
+(:meth:`LinearOperator.unknown_measurement_mask`)."""
+
 RESIDUAL_SPACES = ("pinv", "adjoint", "measurement")
 """Where a data term compares a measurement ``y`` with ``A x``: ``P y`` against ``P A x`` with ``P = A^+``
 (``"pinv"``) or ``P = A^T`` (``"adjoint"``), or ``y`` against ``A x`` itself (``"measurement"``)."""
@@ -69,26 +73,48 @@ def work_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype in (torch.float32, torch.float64) else torch.float32
 
 
+class ParameterError(ValueError):
+    """An operator parameter breaks its rule. The message is ``field + rest`` (``"kernel size 4 is even; ..."``);
+    :meth:`message` puts another name in place of the field, so that a caller that fed the parameter from an
+    input of another name (a node's ``kernel_size`` widget) can say the rule with that name."""
+
+    def __init__(self, field: str, rest: str) -> None:
+        self.field, self.rest = field, rest
+        super().__init__(field + rest)
+
+    def message(self, name: str) -> str:
+        """The error's text with ``name`` in place of the field."""
+        return name + self.rest
+
+
 def check_positive_int(value: object, name: str) -> int:
-    """Return ``value`` as an int >= 1, or raise ValueError naming it."""
+    """Return ``value`` as an int >= 1, or raise :class:`ParameterError` naming it."""
     if isinstance(value, bool) or not isinstance(value, int):
         try:
             value = int(value.__index__())  # type: ignore[attr-defined]
         except (AttributeError, TypeError):
-            raise ValueError(f"{name} must be an integer, got {value!r}") from None
+            raise ParameterError(name, f" must be an integer, got {value!r}") from None
     if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
+        raise ParameterError(name, f" must be >= 1, got {value}")
     return value
 
 
+def check_odd_size(value: object, name: str) -> int:
+    """Return ``value`` as an odd int >= 1 (a kernel size: a centre pixel), or raise :class:`ParameterError`."""
+    size = check_positive_int(value, name)
+    if size % 2 == 0:
+        raise ParameterError(name, f" {size} is even; blur kernels need odd sizes (a centre pixel), e.g. {size + 1}")
+    return size
+
+
 def check_finite_float(value: object, name: str) -> float:
-    """Return ``value`` as a finite float, or raise ValueError naming it."""
+    """Return ``value`` as a finite float, or raise :class:`ParameterError` naming it."""
     try:
         value = float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number, got {value!r}") from None
+        raise ParameterError(name, f" must be a number, got {value!r}") from None
     if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
+        raise ParameterError(name, f" must be finite, got {value}")
     return value
 
 
@@ -257,6 +283,23 @@ class LinearOperator(abc.ABC):
         """Return the input shape as a tuple, or raise ValueError naming the offending value and the rule."""
         return check_image_shape(shape, "x")
 
+    def output_channels(self, channels: int) -> int:
+        """Channels of ``A x`` for an image of ``channels`` channels (whatever its size): the same number here;
+        colour-to-grey gives 1. Raises ValueError when the operator does not accept that many channels."""
+        return channels
+
+    def unknown_measurement_mask(self, image_shape: Sequence[int]) -> Tensor:
+        """Which measurement pixels carry no information, for images of ``image_shape``: ``(B, 1, h, w)`` bool in
+        the measurement's size (:meth:`output_shape`), True where unknown.
+
+        A measurement pixel is unknown when every image pixel's weight on it is zero, i.e. ``A |A^T 1| = 0``
+        there in every channel (the holes of an inpainting mask, alone or inside a composition); none for
+        super-resolution and blurs. Computed in float64 on the CPU.
+        """
+        ones = torch.ones(self.output_shape(image_shape), dtype=torch.float64)
+        energy = self.forward(self.adjoint(ones).abs()).abs().amax(dim=1, keepdim=True)
+        return energy < UNKNOWN_ATOL
+
     def output_shape(self, input_shape: Sequence[int]) -> Shape:
         """Shape of ``A x`` for x of ``input_shape`` (validated first)."""
         return self._output_shape(self.validate_input_shape(input_shape))
@@ -395,6 +438,9 @@ class Composed(LinearOperator):
 
     def _adjoint(self, y: Tensor) -> Tensor:
         return self.inner.adjoint(self.outer.adjoint(y))
+
+    def output_channels(self, channels: int) -> int:
+        return self.outer.output_channels(self.inner.output_channels(channels))
 
     @property
     def auto_residual(self) -> str:

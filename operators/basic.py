@@ -55,9 +55,14 @@ class Grayscale(LinearOperator):
 
     def validate_input_shape(self, shape: Sequence[int]) -> Shape:
         shape = check_image_shape(shape, "x")
-        if shape[1] != len(self.weights):
-            raise ValueError(f"colour-to-grey needs {len(self.weights)} channels, got {shape[1]}")
+        self.output_channels(shape[1])
         return shape
+
+    def output_channels(self, channels: int) -> int:
+        """1: the grey measurement of an image with one channel per weight (raises ValueError otherwise)."""
+        if channels != len(self.weights):
+            raise ValueError(f"colour-to-grey needs {len(self.weights)} channels, got {channels}")
+        return 1
 
     def describe(self) -> str:
         return "colour to grey"

@@ -26,7 +26,7 @@ from .base import (
     Shape,
     check_finite_float,
     check_image_shape,
-    check_positive_int,
+    check_odd_size,
     work_dtype,
 )
 from .motion import MOTION_INTENSITY, MOTION_KERNEL_SIZE, motion_kernel
@@ -58,8 +58,7 @@ def validate_kernel(kernel: Tensor) -> Tensor:
     if kernel.dim() != 2:
         raise ValueError(f"kernel must be 2-D (kh, kw), got shape {tuple(kernel.shape)}")
     for name, size in (("height", kernel.shape[0]), ("width", kernel.shape[1])):
-        if size % 2 == 0:
-            raise ValueError(f"kernel {name} {size} is even; blur kernels need odd sizes (a centre pixel)")
+        check_odd_size(size, f"kernel {name}")
     k = kernel.detach()
     if not k.is_floating_point():
         k = k.to(torch.float32)
@@ -209,9 +208,7 @@ def gaussian_kernel(
     sum 1: the same kernel as ``kornia.filters.get_gaussian_kernel2d`` and ``scipy.ndimage.gaussian_filter``
     with ``truncate = r / sigma``. kernel_size: odd >= 1; sigma: > 0 pixels.
     """
-    kernel_size = check_positive_int(kernel_size, "kernel size")
-    if kernel_size % 2 == 0:
-        raise ValueError(f"kernel size {kernel_size} is even; it must be odd (a centre pixel)")
+    kernel_size = check_odd_size(kernel_size, "kernel size")
     sigma = check_finite_float(sigma, "sigma")
     if sigma <= 0:
         raise ValueError(f"sigma {sigma} must be > 0")

@@ -1,10 +1,8 @@
 """Inpainting: keep the known pixels, zero the missing ones.
 
-**Mask rule (operator side): 1 = known / kept pixel, 0 = missing pixel (to be filled).** Masks are
-binarised at construction: values >= :data:`KEEP_THRESHOLD` count as known. ComfyUI's MASK means the
-opposite (1 = area to inpaint): convert with :func:`keep_mask_from_comfy_mask`, after which a ComfyUI value
-above 0.5 is missing and a value of exactly 0.5 is known, as ComfyUI's own inpainting nodes (VAE Encode for
-Inpainting, InpaintModelConditioning) read it: they round the mask, and 0.5 rounds to 0.
+**Mask rule: 1 = known / kept pixel, 0 = missing pixel (to be filled).** Masks are binarised at
+construction: values >= :data:`KEEP_THRESHOLD` count as known. (ComfyUI's MASK means the opposite; the nodes
+convert it, ``nodes/convert.py``.)
 
 A mask is ``(H, W)``, ``(Bm, H, W)`` or ``(Bm, 1, H, W)``; it applies to every channel, and ``Bm`` must be 1
 (one mask for the whole batch) or the image batch size B.
@@ -36,12 +34,6 @@ def as_mask_batch(mask: Tensor) -> Tensor:
     if mask.dim() == 4 and mask.shape[1] == 1:
         return mask
     raise ValueError(f"mask must be (H, W), (B, H, W) or (B, 1, H, W), got shape {tuple(mask.shape)}")
-
-
-def keep_mask_from_comfy_mask(mask: Tensor) -> Tensor:
-    """Convert a ComfyUI MASK (1 = area to inpaint, values in [0, 1]) to our keep-mask: ``1 - mask`` (so, once
-    binarised, ComfyUI values above 0.5 are missing and 0.5 is known)."""
-    return 1.0 - mask
 
 
 def fit_mask(mask: Tensor, height: int, width: int, *, resize: bool = False) -> Tensor:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import check_finite_float, check_positive_int
+from .base import ParameterError, check_finite_float, check_odd_size
 
 MOTION_KERNEL_SIZE = 61
 """FlowDPS's motion-blur kernel size (``Kernel(size=(61, 61))``)."""
@@ -135,9 +135,9 @@ def motion_kernel(
          2 and normalised. Parts of a long path that leave the canvas are cropped, as in the original; if
          nothing is left the path is re-centred on its arc-length midpoint.
     """
-    size = check_positive_int(size, "kernel size")
-    if size % 2 == 0 or size < 3:
-        raise ValueError(f"motion kernel size {size} must be odd and >= 3")
+    size = check_odd_size(size, "motion kernel size")
+    if size < 3:
+        raise ParameterError("motion kernel size", f" {size} must be >= 3")
     intensity = check_finite_float(intensity, "intensity")
     if not 0.0 <= intensity <= 1.0:
         raise ValueError(f"intensity {intensity} must be in [0, 1]")

@@ -76,7 +76,7 @@ import functools
 import torch
 from torch import Tensor
 
-from .base import LinearOperator, check_finite_float, check_positive_int, work_dtype
+from .base import LinearOperator, check_finite_float, check_odd_size, work_dtype
 from .separable import apply_separable
 
 PAPER_GAUSSIAN_KERNEL_SIZE = 61
@@ -194,9 +194,7 @@ class PaperGaussianBlur(LinearOperator):
     threshold: float = PAPER_SVD_THRESHOLD
 
     def __post_init__(self) -> None:
-        size = check_positive_int(self.kernel_size, "kernel size")
-        if size % 2 == 0:
-            raise ValueError(f"kernel size {size} is even; it must be odd")
+        size = check_odd_size(self.kernel_size, "kernel size")
         sigma = check_finite_float(self.sigma, "sigma")
         if sigma <= 0:
             raise ValueError(f"sigma {sigma} must be > 0")

@@ -24,12 +24,17 @@ from torch import Tensor
 from .checks import check_sigma_y
 from .types import DataLoss, TensorMap
 
-__all__ = ["NORMS", "ImageLoss", "image_loss", "measurement_loss"]
+__all__ = ["NORMS", "ImageLoss", "check_norm", "image_loss", "measurement_loss"]
 
 NORMS = ("paper", "squared")
 
 ImageLoss = Callable[[Tensor], Tensor]
 """``image_loss(x) -> (B,)``: the data term of a decoded image ``x: (B, 3, H, W)`` (see :func:`image_loss`)."""
+
+
+def check_norm(norm: str, sigma_y: float | None) -> None:
+    """Raise ValueError unless ``norm`` is one of :data:`NORMS` and, for ``"squared"``, ``sigma_y`` is > 0."""
+    _norm_scale(norm, sigma_y)
 
 
 def _norm_scale(norm: str, sigma_y: float | None) -> float:

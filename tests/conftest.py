@@ -62,6 +62,28 @@ def comfy_server(tmp_path_factory):
     server.stop()
 
 
+@pytest.fixture(scope="session")
+def write_photo(comfy):
+    """``write_photo(name, side, seed, flip_y=False) -> name``: a synthetic test photo
+    (``flowdps_dev.workflow_fixtures.write_test_photo``) written into ComfyUI's input folder, where LoadImage
+    reads ``name``."""
+    from flowdps_dev.workflow_fixtures import write_test_photo
+
+    def write(name: str, side: int, seed: int, *, flip_y: bool = False) -> str:
+        write_test_photo(comfy.input_dir / name, side, seed, flip_y=flip_y)
+        return name
+
+    return write
+
+
+@pytest.fixture(scope="module")
+def photo(request, write_photo) -> str:
+    """The test module's photo, written once: the file ``PHOTO``, ``SIZE`` x ``SIZE`` pixels, from seed
+    ``PHOTO_SEED`` (flipped vertically when ``PHOTO_FLIP_Y``), all constants of the test module."""
+    module = request.module
+    return write_photo(module.PHOTO, module.SIZE, module.PHOTO_SEED, flip_y=getattr(module, "PHOTO_FLIP_Y", False))
+
+
 @pytest.fixture
 def generator() -> torch.Generator:  # noqa: F821
     import torch

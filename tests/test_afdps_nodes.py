@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from flowdps_dev import graphs
-from flowdps_dev.workflow_fixtures import write_test_photo
+from flowdps_dev.graphs import residual
 
 pytestmark = pytest.mark.comfy
 
@@ -19,6 +19,7 @@ SIZE = 32
 PARTICLES = 4
 STEPS = 3
 PHOTO = "afdps_task_photo.png"
+PHOTO_SEED = 3
 SIGMA_Y = 0.05
 KAPPA = 0.2  # kappa 1 overshoots with the tiny random decoder (stiffness); any kappa keeps the weights exact
 NO_DATA = 1000.0  # sigma_y so large that the likelihood (and its guidance) is negligible: the prior alone
@@ -31,33 +32,13 @@ TASKS = {
 }
 
 
-@pytest.fixture(scope="module")
-def photo(comfy) -> str:
-    write_test_photo(comfy.input_dir / PHOTO, SIZE, seed=3)
-    return PHOTO
-
-
-
-
-def measurement(g: graphs.GraphBuilder, task: str):
-    op_class, op_inputs, _ = TASKS[task]
-    image = g.add("LoadImage", "photo", image=PHOTO).out()
-    op = g.add(op_class, "op", **op_inputs).out()
-    y = g.add("FlowDPSSimulateMeasurement", "sim", image=image, operator=op, sigma_y=0.01, seed=0).out()
-    return op, y
-
-
 def restore_graph(task: str, *, seed: int = 0, steps: int = STEPS, sigma_y: float = SIGMA_Y,
                   ess_threshold: float = 1.0, kappa: float = KAPPA, **late) -> dict:
     """``late``: the optional inputs added later (variant, kappa_clip); absent = their defaults."""
-    g = graphs.GraphBuilder()
-    model, vae, pos, neg = graphs.prior_loaders(g, graphs.TINY_PRIORS["sd3"])
-    op, y = measurement(g, task)
-    g.add("AFDPSRestore", "restore", model=model, positive=pos, negative=neg, vae=vae, measurement=y, operator=op,
-          particles=PARTICLES, steps=steps, cfg=1.5, shift=3.0, seed=seed, eta=1.0, kappa=kappa, ess_threshold=ess_threshold,
-          chunk_size=2, sigma_y=sigma_y, **late)
-    g.add("PreviewImage", "preview", images=["restore", 0])
-    return g.build()
+    op_class, op_inputs, _ = TASKS[task]
+    return graphs.restore_graph("AFDPSRestore", PHOTO, (op_class, op_inputs), particles=PARTICLES, steps=steps,
+                                cfg=1.5, shift=3.0, seed=seed, kappa=kappa, ess_threshold=ess_threshold,
+                                chunk_size=2, sigma_y=sigma_y, **late)
 
 
 def sampler_graph(task: str, *, seed: int = 0, sigma_y: float = SIGMA_Y, output: str = "best", batch: int = 1,
@@ -65,10 +46,12 @@ def sampler_graph(task: str, *, seed: int = 0, sigma_y: float = SIGMA_Y, output:
     g = graphs.GraphBuilder()
     model, vae, pos, neg = graphs.prior_loaders(g, graphs.TINY_PRIORS["sd3"])
     model = g.add("ModelSamplingSD3", "shift", model=model, shift=3.0).out()
-    op, y = measurement(g, task)
+    op_class, op_inputs, _ = TASKS[task]
+    op, y = graphs.simulated_measurement(g, PHOTO, op_class, **op_inputs)
     guider = g.add("CFGGuider", "guider", model=model, positive=pos, negative=neg, cfg=1.5).out()
-    sampler = g.add("AFDPSSampler", "afdps", vae=vae, operator=op, measurement=y, particles=PARTICLES,
-                    variant="sde", eta=1.0, kappa=kappa, ess_threshold=1.0, chunk_size=0, sigma_y=sigma_y, output=output).out()
+    sampler = g.add_node_with_defaults("AFDPSSampler", "afdps", vae=vae, operator=op, measurement=y,
+                                       particles=PARTICLES, kappa=kappa, ess_threshold=1.0, chunk_size=0,
+                                       sigma_y=sigma_y, output=output).out()
     sigmas = g.add("BasicScheduler", "sigmas", model=model, scheduler="simple", steps=STEPS, denoise=1.0).out()
     noise = g.add("RandomNoise", "noise", noise_seed=seed).out()
     latent = g.add("EmptySD3LatentImage", "latent", width=width, height=SIZE, batch_size=batch).out()
@@ -77,15 +60,6 @@ def sampler_graph(task: str, *, seed: int = 0, sigma_y: float = SIGMA_Y, output:
     g.add("VAEDecode", "restore", samples=out.out(0), vae=vae)
     g.add("PreviewImage", "preview", images=["restore", 0])
     return g.build()
-
-
-def residual(result, node: str = "restore", index: int = 0) -> float:
-    """||A x - y|| per image (mean over the batch) of an IMAGE output, with the graph's operator and y."""
-    op = result.output("op")
-    x = result.output(node, index).movedim(-1, 1) * 2 - 1
-    y = result.output("sim").movedim(-1, 1) * 2 - 1
-    r = (op.forward(x) - y).flatten(1)
-    return float(torch.linalg.vector_norm(r, dim=1).mean())
 
 
 @pytest.mark.parametrize("task", list(TASKS))
@@ -186,7 +160,8 @@ def test_restore_progress_previews_interruption_and_decoder_release(comfy, photo
 
     import comfy.model_management as mm
 
-    module = sys.modules[comfy.node_classes["AFDPSRestore"].__module__]
+    package = comfy.node_classes["AFDPSRestore"].__module__.rsplit(".", 1)[0]
+    module = sys.modules[f"{package}.bridge"]  # where the samplers make their decoder copies
     decoders = []
 
     class RecordingDecoder(module.GradDecoder):
@@ -219,12 +194,13 @@ def test_particles_do_not_reuse_the_noise_inputs_stream(comfy):
 
     from comfy.sample import prepare_noise
 
-    module = sys.modules[comfy.node_classes["AFDPSSampler"].__module__]
+    package = comfy.node_classes["AFDPSSampler"].__module__.rsplit(".", 1)[0]
+    bridge = sys.modules[f"{package}.bridge"]
     latent = torch.zeros(1, 16, 4, 4)
     for seed in (0, 7, 2**64 - 1):
         noise = prepare_noise(latent, seed)
         for item in range(3):
-            generator = torch.Generator().manual_seed(module.particle_seed(seed, item))
+            generator = bridge.sampler_generator(seed, torch.device("cpu"), stream=item)  # item's particle stream
             assert not torch.equal(torch.randn(latent.shape, generator=generator), noise)
 
 

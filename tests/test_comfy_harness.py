@@ -31,6 +31,34 @@ def test_pack_registers_through_v3_entrypoint(comfy):
     assert not [line for line in comfy.load_log if "IMPORT FAILED" in line and "flowdps" in line]
 
 
+def test_graph_nodes_with_schema_defaults(comfy):
+    """add_node_with_defaults sends every required widget (its schema default unless given), links and given
+    values as passed, optional widgets only when given; an unknown input name is refused."""
+    g = graphs.GraphBuilder()
+    g.add_node_with_defaults("FlowDPSRestore", "restore", model=["loader", 0], seed=5, steps=4)
+    inputs = g.build()["restore"]["inputs"]
+    info = comfy.node_info("FlowDPSRestore")
+    required, optional = info["input"]["required"], info["input"].get("optional", {})
+    assert (inputs["model"], inputs["seed"], inputs["steps"]) == (["loader", 0], 5, 4)
+    for name in ("cfg", "shift", "method", "dc_steps", "step_size", "step_size_end", "residual", "norm", "sigma_y"):
+        assert inputs[name] == required[name][1]["default"], name
+    assert "scheduler" in optional
+    assert "scheduler" not in inputs
+    assert "measurement" not in inputs                 # a socket: the caller links it
+    with pytest.raises(ValueError, match="no input named"):
+        g.add_node_with_defaults("FlowDPSSampler", "s", stepsize=3.0)
+
+
+def test_pack_module_is_the_module_comfyui_loaded(comfy):
+    """Not flowdps.samplers.flowdps (the tests' own import of the pack): the copy ComfyUI's loader made."""
+    import flowdps.samplers.flowdps
+
+    node_module = comfy.node_classes["FlowDPSRestore"].__module__
+    module = comfy.pack_module("samplers.flowdps")
+    assert module.__name__ == node_module[:node_module.index(".nodes.")] + ".samplers.flowdps"
+    assert module is not flowdps.samplers.flowdps
+
+
 def test_info_node_runs_in_a_graph(comfy):
     import flowdps
 

@@ -219,6 +219,6 @@ def test_make_demo_measurement_is_bicubic_sr_of_the_ground_truth_plus_stated_noi
     assert abs(noise.mean().item()) < 0.002
     assert noise.std().item() == pytest.approx(demo.SIGMA_Y, rel=0.10)
     # and it is exactly that noise: the seeded draw reproduces the PNG up to rounding
-    expected = GaussianNoise(demo.SIGMA_Y).apply(clean.float() * 2 - 1, torch.Generator().manual_seed(5))
+    expected = GaussianNoise(2 * demo.SIGMA_Y).apply(clean.float() * 2 - 1, torch.Generator().manual_seed(5))
     expected = ((expected.double() + 1) / 2 * 255).round().clamp(0, 255)
     assert (expected - measured * 255).abs().max().item() <= 1

@@ -46,25 +46,22 @@ def decoders(comfy, monkeypatch):
     import comfy.model_management as mm
 
     state = {"interrupt_at_call": None, "calls": 0, "refs": [], "instances": []}
-    for name in ("FlowDPSRestore", "AFDPSRestore"):
-        package = comfy.node_classes[name].__module__.rsplit(".", 1)[0]
-        for module_name in ("sampling", "afdps_nodes"):
-            module = sys.modules[f"{package}.{module_name}"]
-            base = module.GradDecoder
+    package = comfy.node_classes["FlowDPSRestore"].__module__.rsplit(".", 1)[0]
+    bridge = sys.modules[f"{package}.bridge"]  # every sampler makes its decoder copy there
 
-            class Recording(base):
-                def __init__(self, *args, **kwargs):
-                    super().__init__(*args, **kwargs)
-                    state["instances"].append(self)
-                    state["refs"].append(weakref.ref(self.module))
+    class Recording(bridge.GradDecoder):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            state["instances"].append(self)
+            state["refs"].append(weakref.ref(self.module))
 
-                def __call__(self, z):
-                    state["calls"] += 1
-                    if state["calls"] == state["interrupt_at_call"]:
-                        mm.interrupt_current_processing(True)
-                    return super().__call__(z)
+        def __call__(self, z):
+            state["calls"] += 1
+            if state["calls"] == state["interrupt_at_call"]:
+                mm.interrupt_current_processing(True)
+            return super().__call__(z)
 
-            monkeypatch.setattr(module, "GradDecoder", Recording)
+    monkeypatch.setattr(bridge, "GradDecoder", Recording)
     yield state
     mm.interrupt_current_processing(False)
 
@@ -103,7 +100,7 @@ def test_interrupt_releases_the_decoder_and_the_next_prompt_runs(comfy, progress
 def test_interrupt_during_afdps_resampling(comfy, progress, decoders, monkeypatch):
     import comfy.model_management as mm
 
-    module = sys.modules[comfy.node_classes["AFDPSRestore"].__module__.rsplit(".", 2)[0] + ".samplers.afdps"]
+    module = comfy.pack_module("samplers.afdps")
     original, calls = module.resample, []
 
     def interrupting_resample(*args, **kwargs):

@@ -11,12 +11,15 @@ import pytest
 import torch
 
 from flowdps_dev import graphs
-from flowdps_dev.workflow_fixtures import write_test_photo
+from flowdps_dev.graphs import residual
 
 pytestmark = pytest.mark.comfy
 
 SIZE = 32  # restored image side; SR x2 of a 16 px measurement
 PHOTO = "families_photo.png"
+PHOTO_SEED = 5
+PHOTO_FLIP_Y = True
+OPERATOR = ("FlowDPSOperatorSRBicubic", {"factor": 2})
 FLOW_FAMILIES = ("sd3.5-medium", "sd3.5-large", "flux-dev", "flux-schnell")
 FLOWDPS_RATIO = 0.8  # as tests/test_restore_tasks.py: FlowDPS vs the same run with step size 0
 AFDPS_RATIO = 0.95  # as tests/test_afdps_nodes.py: AFDPS vs the same run with the data term off
@@ -26,53 +29,20 @@ AFDPS_STEPS = 3
 
 
 @pytest.fixture(scope="module")
-def photo(comfy) -> str:
-    write_test_photo(comfy.input_dir / PHOTO, SIZE, seed=5, flip_y=True)
-    return PHOTO
-
-
-def pack_module(comfy, name: str):
-    """A module of the pack as ComfyUI's custom-node loader imported it (e.g. ``"model_family"``)."""
-    import sys
-
-    package = comfy.node_classes["FlowDPSRestore"].__module__.rsplit(".", 1)[0]
-    return sys.modules[f"{package}.{name}"]
-
-
-@pytest.fixture(scope="module")
 def family(comfy):
     """The pack's nodes/model_family.py, as loaded by ComfyUI."""
-    return pack_module(comfy, "model_family")
-
-
-def measurement(g: graphs.GraphBuilder) -> tuple[list, list]:
-    image = g.add("LoadImage", "photo", image=PHOTO).out()
-    op = g.add("FlowDPSOperatorSRBicubic", "op", factor=2).out()
-    y = g.add("FlowDPSSimulateMeasurement", "sim", image=image, operator=op, sigma_y=0.01, seed=0).out()
-    return op, y
+    return comfy.pack_module("nodes.model_family")
 
 
 def flowdps_restore_graph(prior: graphs.TinyPrior, *, step_size: float = 15.0, shift: float = 0.0,
                           cfg: float = 0.0, vae_name: str | None = None, steps: int = 4) -> dict:
-    g = graphs.GraphBuilder()
-    model, vae, pos, neg = graphs.prior_loaders(g, prior, vae_name=vae_name)
-    op, y = measurement(g)
-    g.add("FlowDPSRestore", "restore", model=model, positive=pos, negative=neg, vae=vae, measurement=y, operator=op,
-          seed=0, steps=steps, cfg=cfg, shift=shift, method="flowdps", dc_steps=3, step_size=step_size,
-          step_size_end=-1.0, residual="auto", norm="paper", sigma_y=0.015)
-    g.add("PreviewImage", "preview", images=["restore", 0])
-    return g.build()
+    return graphs.restore_graph("FlowDPSRestore", PHOTO, OPERATOR, prior=prior, vae_name=vae_name, steps=steps,
+                                cfg=cfg, shift=shift, step_size=step_size)
 
 
 def afdps_restore_graph(prior: graphs.TinyPrior, *, sigma_y: float = 0.05, vae_name: str | None = None) -> dict:
-    g = graphs.GraphBuilder()
-    model, vae, pos, neg = graphs.prior_loaders(g, prior, vae_name=vae_name)
-    op, y = measurement(g)
-    g.add("AFDPSRestore", "restore", model=model, positive=pos, negative=neg, vae=vae, measurement=y, operator=op,
-          particles=PARTICLES, steps=AFDPS_STEPS, cfg=0.0, shift=0.0, seed=0, eta=1.0, kappa=0.2,
-          ess_threshold=0.5, chunk_size=0, sigma_y=sigma_y)
-    g.add("PreviewImage", "preview", images=["restore", 0])
-    return g.build()
+    return graphs.restore_graph("AFDPSRestore", PHOTO, OPERATOR, prior=prior, vae_name=vae_name,
+                                particles=PARTICLES, steps=AFDPS_STEPS, kappa=0.2, chunk_size=0, sigma_y=sigma_y)
 
 
 def sampler_graph(prior: graphs.TinyPrior, method: str, *, data: bool = True, vae_name: str | None = None) -> dict:
@@ -80,7 +50,7 @@ def sampler_graph(prior: graphs.TinyPrior, method: str, *, data: bool = True, va
     ModelSamplingSD3 + CFGGuider otherwise."""
     g = graphs.GraphBuilder()
     model, vae, pos, neg = graphs.prior_loaders(g, prior, vae_name=vae_name)
-    op, y = measurement(g)
+    op, y = graphs.simulated_measurement(g, PHOTO, OPERATOR[0], **OPERATOR[1])
     if prior.family == "flux-dev":
         model = g.add("ModelSamplingFlux", "shift", model=model, max_shift=1.15, base_shift=0.5, width=SIZE,
                       height=SIZE).out()
@@ -94,14 +64,13 @@ def sampler_graph(prior: graphs.TinyPrior, method: str, *, data: bool = True, va
         guider = g.add("CFGGuider", "guider", model=model, positive=pos, negative=neg, cfg=2.0).out()
     if method == "flowdps":
         steps = 4
-        sampler = g.add("FlowDPSSampler", "method", vae=vae, operator=op, measurement=y, dc_steps=3,
-                        step_size=15.0 if data else 0.0, step_size_end=-1.0, residual="auto", norm="paper",
-                        sigma_y=0.015).out()
+        sampler = g.add_node_with_defaults("FlowDPSSampler", "method", vae=vae, operator=op, measurement=y,
+                                           step_size=15.0 if data else 0.0).out()
     else:
         steps = AFDPS_STEPS
-        sampler = g.add("AFDPSSampler", "method", vae=vae, operator=op, measurement=y, particles=PARTICLES,
-                        variant="sde", eta=1.0, kappa=0.2, ess_threshold=0.5, chunk_size=0,
-                        sigma_y=0.05 if data else NO_DATA, output="best").out()
+        sampler = g.add_node_with_defaults("AFDPSSampler", "method", vae=vae, operator=op, measurement=y,
+                                           particles=PARTICLES, kappa=0.2, chunk_size=0,
+                                           sigma_y=0.05 if data else NO_DATA).out()
     sigmas = g.add("FlowDPSSigmas", "sigmas", model=model, steps=steps).out()   # the Restore nodes' default grid
     noise = g.add("RandomNoise", "noise", noise_seed=0).out()
     latent = g.add("EmptySD3LatentImage", "latent", width=SIZE, height=SIZE, batch_size=1).out()
@@ -110,13 +79,6 @@ def sampler_graph(prior: graphs.TinyPrior, method: str, *, data: bool = True, va
     g.add("VAEDecode", "restore", samples=out.out(0), vae=vae)
     g.add("PreviewImage", "preview", images=["restore", 0])
     return g.build()
-
-
-def residual(result, index: int = 0) -> float:
-    op = result.output("op")
-    x = result.output("restore", index).movedim(-1, 1) * 2 - 1
-    y = result.output("sim").movedim(-1, 1) * 2 - 1
-    return float(torch.linalg.vector_norm(op.forward(x) - y))
 
 
 def load(comfy, prior: graphs.TinyPrior):
@@ -249,7 +211,7 @@ def test_afdps_restore_on_each_family(comfy, photo, tiny_families, name):
     plain = comfy.run(afdps_restore_graph(prior, sigma_y=NO_DATA)).raise_for_error()
     assert tuple(ours.output("restore", 2).shape) == (PARTICLES, SIZE, SIZE, 3)
     for index in (0, 1):  # best, mean
-        r_ours, r_plain = residual(ours, index), residual(plain, index)
+        r_ours, r_plain = residual(ours, index=index), residual(plain, index=index)
         assert r_ours < AFDPS_RATIO * r_plain, (name, index, r_ours, r_plain)
 
 
@@ -313,7 +275,7 @@ def test_an_epsilon_model_is_refused_before_sampling(comfy, photo, tiny_families
     from comfy import model_base
 
     calls = CallCounter(monkeypatch, model_base.BaseModel, "apply_model")
-    copies = CallCounter(monkeypatch, pack_module(comfy, "decoder").GradDecoder, "__init__")
+    copies = CallCounter(monkeypatch, comfy.pack_module("nodes.decoder").GradDecoder, "__init__")
     result = comfy.run(BUILDERS[path](tiny_families["sd1.5"]))
     assert not result.success
     assert result.error.exception_type.endswith("ValueError")

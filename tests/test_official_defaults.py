@@ -4,30 +4,16 @@ measurement that can stay unclipped (``y = A x + noise`` exactly). Real ComfyUI,
 
 from __future__ import annotations
 
-import sys
-
 import pytest
 import torch
 
 from flowdps_dev import graphs
-from flowdps_dev.workflow_fixtures import write_test_photo
 
 pytestmark = pytest.mark.comfy
 
 SIZE = 32
 PHOTO = "flowdps_official_defaults.png"
-
-
-@pytest.fixture(scope="module")
-def photo(comfy) -> str:
-    write_test_photo(comfy.input_dir / PHOTO, SIZE, seed=11)
-    return PHOTO
-
-
-def pack_module(comfy, name: str):
-    """A module of the pack as ComfyUI's custom-node loader imported it (e.g. ``"nodes.sampling"``)."""
-    root = comfy.node_classes["FlowDPSRestore"].__module__.rsplit(".", 2)[0]
-    return sys.modules[f"{root}.{name}"]
+PHOTO_SEED = 11
 
 
 def schema_default(node_class, name: str):
@@ -41,8 +27,8 @@ def test_restore_default_grid_is_the_official_grid(comfy, steps):
     (samplers.flowdps_sigmas, itself tested against diffusers) to float32 rounding."""
     from comfy.model_sampling import ModelSamplingDiscreteFlow
 
-    sampling_mod = pack_module(comfy, "nodes.sampling")
-    schedules = pack_module(comfy, "samplers.schedules")
+    sampling_mod = comfy.pack_module("nodes.bridge")
+    schedules = comfy.pack_module("samplers.schedules")
     for node in ("FlowDPSRestore", "AFDPSRestore"):
         assert schema_default(comfy.node_classes[node], "scheduler") == "flowdps", node
     sampling = ModelSamplingDiscreteFlow()
@@ -62,7 +48,7 @@ def test_flowdps_sigmas_node_gives_the_official_grid(comfy):
     g.add("FlowDPSSigmas", "sigmas", model=shifted, steps=28)
     result = comfy.run(_with_output(g.build(), "sigmas"), fresh=True).raise_for_error()
     sigmas = result.output("sigmas").double()
-    torch.testing.assert_close(sigmas, pack_module(comfy, "samplers.schedules").flowdps_sigmas(28), rtol=0, atol=1e-6)
+    torch.testing.assert_close(sigmas, comfy.pack_module("samplers.schedules").flowdps_sigmas(28), rtol=0, atol=1e-6)
 
 
 def _with_output(prompt: dict, node: str) -> dict:
@@ -93,7 +79,7 @@ def sink_node(comfy):
 
 
 def test_sampler_seed_is_never_the_node_seed():
-    from flowdps.nodes.sampling import SEED_MODULUS, sampler_seed
+    from flowdps.nodes.bridge import SEED_MODULUS, sampler_seed
 
     seeds = [0, 1, 2, 12345, 2**32, 2**63, SEED_MODULUS - 1]
     for seed in seeds:
@@ -120,7 +106,7 @@ def test_flowdps_renoising_is_independent_of_the_initial_noise(comfy, photo, mon
     node seed itself reproduces bit for bit on the CPU) nor the continuation of that stream."""
     from comfy.sample import prepare_noise
 
-    flowdps = pack_module(comfy, "samplers.flowdps")
+    flowdps = comfy.pack_module("samplers.flowdps")
     draws: list[torch.Tensor] = []
     original = flowdps.fresh_noise
 
@@ -130,16 +116,9 @@ def test_flowdps_renoising_is_independent_of_the_initial_noise(comfy, photo, mon
         return xi
 
     monkeypatch.setattr(flowdps, "fresh_noise", recording)
-    g = graphs.GraphBuilder()
-    model, vae, pos, neg = graphs.prior_loaders(g, graphs.TINY_PRIORS["sd3"])
-    image = g.add("LoadImage", "photo", image=PHOTO).out()
-    op = g.add("FlowDPSOperatorSRBicubic", "op", factor=2).out()
-    y = g.add("FlowDPSSimulateMeasurement", "sim", image=image, operator=op, sigma_y=0.01, seed=0).out()
-    g.add("FlowDPSRestore", "restore", model=model, positive=pos, negative=neg, vae=vae, measurement=y,
-          operator=op, seed=seed, steps=3, cfg=2.0, shift=4.0, method="flowdps", dc_steps=1, step_size=1.0,
-          step_size_end=-1.0, residual="auto", norm="paper", sigma_y=0.015)
-    g.add("PreviewImage", "preview", images=["restore", 0])
-    comfy.run(g.build(), fresh=True).raise_for_error()
+    prompt = graphs.restore_graph("FlowDPSRestore", PHOTO, ("FlowDPSOperatorSRBicubic", {"factor": 2}), seed=seed,
+                                  steps=3, cfg=2.0, shift=4.0, dc_steps=1, step_size=1.0)
+    comfy.run(prompt, fresh=True).raise_for_error()
     assert len(draws) == 2                                           # 3 steps: renoise before steps 2 and 3
     latent = torch.zeros(1, 16, SIZE // 8, SIZE // 8)
     initial = prepare_noise(latent, seed)

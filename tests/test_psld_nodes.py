@@ -12,36 +12,24 @@ import pytest
 import torch
 
 from flowdps_dev import graphs
-from flowdps_dev.workflow_fixtures import write_test_photo
+from flowdps_dev.graphs import residual
 
 pytestmark = pytest.mark.comfy
 
 SIZE = 32  # restored image side (pixels)
 PHOTO = "flowdps_psld_photo.png"
-
-
-@pytest.fixture(scope="module")
-def photo(comfy) -> str:
-    write_test_photo(comfy.input_dir / PHOTO, SIZE, seed=4)
-    return PHOTO
-
-
-def problem_nodes(g: graphs.GraphBuilder):
-    model, vae, pos, neg = graphs.prior_loaders(g, graphs.TINY_PRIORS["sd3"])
-    image = g.add("LoadImage", "photo", image=PHOTO).out()
-    op = g.add("FlowDPSOperatorSRBicubic", "op", factor=2).out()
-    y = g.add("FlowDPSSimulateMeasurement", "sim", image=image, operator=op, sigma_y=0.01, seed=0).out()
-    return model, vae, pos, neg, op, y
+PHOTO_SEED = 4
+OPERATOR = ("FlowDPSOperatorSRBicubic", {"factor": 2})
 
 
 def custom_graph(*, steps: int = 4, step_size: float = 15.0, seed: int = 0, **params) -> dict:
     g = graphs.GraphBuilder()
-    model, vae, pos, neg, op, y = problem_nodes(g)
+    model, vae, pos, neg = graphs.prior_loaders(g, graphs.TINY_PRIORS["sd3"])
+    op, y = graphs.simulated_measurement(g, PHOTO, OPERATOR[0], **OPERATOR[1])
     model = g.add("ModelSamplingSD3", "shift", model=model, shift=4.0).out()
     guider = g.add("CFGGuider", "guider", model=model, positive=pos, negative=neg, cfg=2.0).out()
-    inputs = {"step_size": step_size, "step_size_end": -1.0, "measurement_weight": 1.0, "gluing_weight": 0.1,
-              "residual": "auto", "norm": "paper", "sigma_y": 0.015, **params}
-    sampler = g.add("FlowDPSPSLDSampler", "psld", vae=vae, operator=op, measurement=y, **inputs).out()
+    sampler = g.add_node_with_defaults("FlowDPSPSLDSampler", "psld", vae=vae, operator=op, measurement=y,
+                                       **{"step_size": step_size, **params}).out()
     sigmas = g.add("BasicScheduler", "sigmas", model=model, scheduler="simple", steps=steps, denoise=1.0).out()
     noise = g.add("RandomNoise", "noise", noise_seed=seed).out()
     latent = g.add("EmptySD3LatentImage", "latent", width=SIZE, height=SIZE, batch_size=1).out()
@@ -53,37 +41,22 @@ def custom_graph(*, steps: int = 4, step_size: float = 15.0, seed: int = 0, **pa
 
 
 def restore_graph(*, steps: int = 4, step_size: float = 15.0, seed: int = 0, method: str = "psld") -> dict:
-    g = graphs.GraphBuilder()
-    model, vae, pos, neg, op, y = problem_nodes(g)
-    g.add("FlowDPSRestore", "restore", model=model, positive=pos, negative=neg, vae=vae, measurement=y, operator=op,
-          seed=seed, steps=steps, cfg=2.0, shift=4.0, method=method, dc_steps=3, step_size=step_size,
-          step_size_end=-1.0, residual="auto", norm="paper", sigma_y=0.015)
-    g.add("PreviewImage", "preview", images=["restore", 0])
-    return g.build()
+    return graphs.restore_graph("FlowDPSRestore", PHOTO, OPERATOR, seed=seed, steps=steps, cfg=2.0, shift=4.0,
+                                method=method, step_size=step_size)
 
 
 BUILDERS = {"custom": custom_graph, "restore": restore_graph}
 
 
-def measurement_residual(result) -> float:
-    op = result.output("op")
-    x = result.output("restore").movedim(-1, 1) * 2 - 1
-    y = result.output("sim").movedim(-1, 1) * 2 - 1
-    return float(torch.linalg.vector_norm(op.forward(x) - y))
-
-
 @pytest.fixture
 def recorded_copies(comfy, monkeypatch):
     """Weak references to every private copy (diffusion model, its proxy, VAE encoder) PSLD makes."""
-    import sys
-
-    package = comfy.node_classes["FlowDPSPSLDSampler"].__module__.rsplit(".", 1)[0]
-    psld_sampling = sys.modules[f"{package}.psld_sampling"]   # the module ComfyUI loaded, not flowdps.nodes
+    bridge = comfy.pack_module("nodes.bridge")   # the module ComfyUI loaded, not flowdps.nodes
 
     refs: list[weakref.ref] = []
     seen: list[dict] = []
 
-    class RecordingModel(psld_sampling.GradDiffusionModel):
+    class RecordingModel(bridge.GradDiffusionModel):
         def __init__(self, base):
             super().__init__(base)
             refs.extend([weakref.ref(self.module), weakref.ref(self.proxy)])
@@ -95,13 +68,13 @@ def recorded_copies(comfy, monkeypatch):
                          "shares_sampling": self.proxy.model_sampling is base.model_sampling,
                          "nbytes": self.nbytes})
 
-    class RecordingEncoder(psld_sampling.GradEncoder):
+    class RecordingEncoder(bridge.GradEncoder):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             refs.append(weakref.ref(self.module))
 
-    monkeypatch.setattr(psld_sampling, "GradDiffusionModel", RecordingModel)
-    monkeypatch.setattr(psld_sampling, "GradEncoder", RecordingEncoder)
+    monkeypatch.setattr(bridge, "GradDiffusionModel", RecordingModel)
+    monkeypatch.setattr(bridge, "GradEncoder", RecordingEncoder)
     return refs, seen
 
 
@@ -118,7 +91,7 @@ def test_psld_lowers_the_measurement_residual(comfy, photo, recorded_copies, pat
     plain = comfy.run(BUILDERS[path](step_size=0.0), fresh=True).raise_for_error()
     assert len(seen) == 1                                   # step 0: plain Euler, no copy made
     assert tuple(ours.output("restore").shape) == (1, SIZE, SIZE, 3)
-    r_ours, r_plain = measurement_residual(ours), measurement_residual(plain)
+    r_ours, r_plain = residual(ours), residual(plain)
     assert r_ours < 0.8 * r_plain, (path, r_ours, r_plain)
 
 

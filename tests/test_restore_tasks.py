@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from flowdps_dev import graphs
-from flowdps_dev.workflow_fixtures import write_test_photo
 
 pytestmark = pytest.mark.comfy
 
 SIZE = 32  # restored image side (pixels): a multiple of 16 for SD3
 PHOTO = "flowdps_task_photo.png"
+PHOTO_SEED = 3
 
 # task -> (operator node, its inputs, measurement side)
 TASKS = {
@@ -26,42 +26,23 @@ TASKS = {
 }
 
 
-@pytest.fixture(scope="module")
-def photo(comfy) -> str:
-    write_test_photo(comfy.input_dir / PHOTO, SIZE, seed=3)
-    return PHOTO
-
-
-
-
-def measurement(g: graphs.GraphBuilder, task: str) -> tuple[list, list]:
-    op_class, op_inputs, _ = TASKS[task]
-    image = g.add("LoadImage", "photo", image=PHOTO).out()
-    op = g.add(op_class, "op", **op_inputs).out()
-    y = g.add("FlowDPSSimulateMeasurement", "sim", image=image, operator=op, sigma_y=0.01, seed=0).out()
-    return op, y
-
-
 def restore_graph(task: str, *, seed: int = 0, steps: int = 4, step_size: float = 15.0,
                   method: str = "flowdps") -> dict:
-    g = graphs.GraphBuilder()
-    model, vae, pos, neg = graphs.prior_loaders(g, graphs.TINY_PRIORS["sd3"])
-    op, y = measurement(g, task)
-    g.add("FlowDPSRestore", "restore", model=model, positive=pos, negative=neg, vae=vae, measurement=y, operator=op,
-          seed=seed, steps=steps, cfg=2.0, shift=4.0, method=method, dc_steps=3, step_size=step_size,
-          step_size_end=-1.0, residual="auto", norm="paper", sigma_y=0.015)
-    g.add("SaveImage", "save", images=["restore", 0], filename_prefix=f"restore_{task}")
-    return g.build()
+    op_class, op_inputs, _ = TASKS[task]
+    return graphs.restore_graph("FlowDPSRestore", PHOTO, (op_class, op_inputs),
+                                save_prefix=f"restore_{task}", seed=seed, steps=steps, cfg=2.0, shift=4.0,
+                                method=method, step_size=step_size)
 
 
 def custom_sampler_graph(task: str, *, seed: int = 0, steps: int = 4, step_size: float = 15.0) -> dict:
     g = graphs.GraphBuilder()
     model, vae, pos, neg = graphs.prior_loaders(g, graphs.TINY_PRIORS["sd3"])
     model = g.add("ModelSamplingSD3", "shift", model=model, shift=4.0).out()
-    op, y = measurement(g, task)
+    op_class, op_inputs, _ = TASKS[task]
+    op, y = graphs.simulated_measurement(g, PHOTO, op_class, **op_inputs)
     guider = g.add("CFGGuider", "guider", model=model, positive=pos, negative=neg, cfg=2.0).out()
-    sampler = g.add("FlowDPSSampler", "flowdps", vae=vae, operator=op, measurement=y, dc_steps=3,
-                    step_size=step_size, step_size_end=-1.0, residual="auto", norm="paper", sigma_y=0.015).out()
+    sampler = g.add_node_with_defaults("FlowDPSSampler", "flowdps", vae=vae, operator=op, measurement=y,
+                                       step_size=step_size).out()
     sigmas = g.add("BasicScheduler", "sigmas", model=model, scheduler="simple", steps=steps, denoise=1.0).out()
     noise = g.add("RandomNoise", "noise", noise_seed=seed).out()
     latent = g.add("EmptySD3LatentImage", "latent", width=SIZE, height=SIZE, batch_size=1).out()
@@ -70,14 +51,6 @@ def custom_sampler_graph(task: str, *, seed: int = 0, steps: int = 4, step_size:
     g.add("VAEDecode", "restore", samples=out.out(0), vae=vae)
     g.add("SaveImage", "save", images=["restore", 0], filename_prefix=f"custom_{task}")
     return g.build()
-
-
-def measurement_residual(result) -> float:
-    """||A x - y|| of the restored image x (the operator and measurement from the same graph)."""
-    op = result.output("op")
-    x = result.output("restore").movedim(-1, 1) * 2 - 1
-    y = result.output("sim").movedim(-1, 1) * 2 - 1
-    return float(torch.linalg.vector_norm(op.forward(x) - y))
 
 
 BUILDERS = {"restore": restore_graph, "custom": custom_sampler_graph}
@@ -92,7 +65,7 @@ def test_flowdps_lowers_the_residual_for_every_task(comfy, photo, task, path):
     plain = comfy.run(build(task, step_size=0.0), fresh=True).raise_for_error()
     assert tuple(ours.output("restore").shape) == (1, SIZE, SIZE, 3)
     assert tuple(ours.output("sim").shape[1:3]) == (TASKS[task][2],) * 2
-    r_ours, r_plain = measurement_residual(ours), measurement_residual(plain)
+    r_ours, r_plain = graphs.residual(ours), graphs.residual(plain)
     assert r_ours < 0.8 * r_plain, (task, path, r_ours, r_plain)
 
 

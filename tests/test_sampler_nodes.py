@@ -1,6 +1,6 @@
 """FlowDPS / FlowChef SAMPLER nodes and the Restore node, run headless through ComfyUI's executor on the tiny
-models. The operator comes from a test-only node (2x average pooling written inline), so these tests check
-the sampling bridge independently of the operator package."""
+models, with the pack's 2x average-pool SR operator (its operator node); the residual is measured with
+``F.avg_pool2d`` written inline, independently of the operator package."""
 
 from __future__ import annotations
 
@@ -13,56 +13,8 @@ from flowdps_dev import graphs
 pytestmark = pytest.mark.comfy
 
 
-class AvgPool2:
-    """2x average-pool super-resolution with its exact adjoint and pseudo-inverse."""
-
-    auto_residual = "pinv"
-
-    def forward(self, x):
-        return F.avg_pool2d(x, 2)
-
-    def adjoint(self, y):
-        return F.interpolate(y, scale_factor=2, mode="nearest") / 4
-
-    def pinv(self, y):
-        return F.interpolate(y, scale_factor=2, mode="nearest")
-
-    def output_shape(self, shape):
-        b, c, h, w = shape
-        if h % 2 or w % 2:
-            raise ValueError(f"size {w}x{h} is not divisible by 2")
-        return (b, c, h // 2, w // 2)
-
-    def input_shape(self, shape):
-        b, c, h, w = shape
-        return (b, c, 2 * h, 2 * w)
-
-    def materialize(self, device=None, dtype=None):
-        return self
-
-
-class FlowDPSTestAvgPool:
-    RETURN_TYPES = ("FLOWDPS_OPERATOR",)
-    FUNCTION = "make"
-    CATEGORY = "testing"
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {}}
-
-    def make(self):
-        return (AvgPool2(),)
-
-
-@pytest.fixture
-def test_operator(comfy):
-    comfy.node_classes["FlowDPSTestAvgPool"] = FlowDPSTestAvgPool
-    yield "FlowDPSTestAvgPool"
-    comfy.node_classes.pop("FlowDPSTestAvgPool", None)
-
-
 def measurement_nodes(g: graphs.GraphBuilder, size: int) -> tuple[list, list]:
-    op = g.add("FlowDPSTestAvgPool", "operator").out()
+    op = g.add("FlowDPSOperatorSRAvgPool", "operator", factor=2).out()
     y = g.add("EmptyImage", "measurement", width=size, height=size, batch_size=1, color=0xC86432).out()
     return op, y
 
@@ -103,7 +55,7 @@ def residual(result, y_image, size: int) -> float:
 
 
 @pytest.mark.parametrize("sampler", ["FlowDPSSampler", "FlowChefSampler"])
-def test_sampler_node_lowers_the_measurement_residual(comfy, test_operator, sampler):
+def test_sampler_node_lowers_the_measurement_residual(comfy, sampler):
     plain = comfy.run(custom_sampler_graph(None), fresh=True).raise_for_error()
     ours = comfy.run(custom_sampler_graph(sampler), fresh=True).raise_for_error()
     y = ours.output("measurement")
@@ -111,7 +63,7 @@ def test_sampler_node_lowers_the_measurement_residual(comfy, test_operator, samp
     assert r_ours < 0.8 * r_plain, (r_ours, r_plain)
 
 
-def test_same_seed_same_image_and_other_seed_differs(comfy, test_operator):
+def test_same_seed_same_image_and_other_seed_differs(comfy):
     a = comfy.run(custom_sampler_graph("FlowDPSSampler", seed=5), fresh=True).raise_for_error().output("decode")
     b = comfy.run(custom_sampler_graph("FlowDPSSampler", seed=5), fresh=True).raise_for_error().output("decode")
     c = comfy.run(custom_sampler_graph("FlowDPSSampler", seed=6), fresh=True).raise_for_error().output("decode")
@@ -119,7 +71,7 @@ def test_same_seed_same_image_and_other_seed_differs(comfy, test_operator):
     assert (a - c).abs().max() > 1e-3
 
 
-def test_latent_that_does_not_match_the_measurement_is_a_clear_error(comfy, test_operator):
+def test_latent_that_does_not_match_the_measurement_is_a_clear_error(comfy):
     prompt = custom_sampler_graph("FlowDPSSampler")
     prompt["latent"]["inputs"]["width"] = 96  # decodes to 96 px wide; A maps it to 48, the measurement is 32
     result = comfy.run(prompt, fresh=True)
@@ -129,7 +81,7 @@ def test_latent_that_does_not_match_the_measurement_is_a_clear_error(comfy, test
     assert "maps that to 48x32" in result.error.message
 
 
-def test_bad_widget_values_are_rejected(comfy, test_operator):
+def test_bad_widget_values_are_rejected(comfy):
     from flowdps_dev.comfy_env import GraphValidationError
 
     prompt = custom_sampler_graph("FlowDPSSampler", dc_steps=0)
@@ -152,7 +104,7 @@ def restore_graph(size: int = 24, seed: int = 0, method: str = "flowdps") -> dic
 
 
 @pytest.mark.parametrize("method", ["flowdps", "flowchef"])
-def test_restore_node_derives_the_output_size(comfy, test_operator, method):
+def test_restore_node_derives_the_output_size(comfy, method):
     # SR x2 of a 24x24 photo: the restored image is 48x48 (a multiple of 16, so no crop).
     result = comfy.run(restore_graph(24, method=method), fresh=True).raise_for_error()
     image = result.output("restore")
@@ -162,6 +114,6 @@ def test_restore_node_derives_the_output_size(comfy, test_operator, method):
     assert result.image_files("save")
 
 
-def test_restore_node_crops_to_a_multiple_of_16(comfy, test_operator):
+def test_restore_node_crops_to_a_multiple_of_16(comfy):
     result = comfy.run(restore_graph(20), fresh=True).raise_for_error()
     assert tuple(result.output("restore").shape) == (1, 32, 32, 3)  # 20 -> 16 (x2 = 32)

@@ -80,8 +80,8 @@ CASES = {
     ),
     "motion intensity": (lambda: motion_kernel(15, 1.5), "intensity 1.5"),
     "motion even size": (lambda: motion_kernel(16, 0.5), "motion kernel size 16"),
-    "sigma_y negative": (lambda: GaussianNoise(-0.1), "sigma_y -0.1"),
-    "sigma_y nan": (lambda: GaussianNoise(math.nan), "nan"),
+    "noise sigma negative": (lambda: GaussianNoise(-0.1), "sigma -0.1 must be >= 0"),
+    "noise sigma nan": (lambda: GaussianNoise(math.nan), "nan"),
 }
 
 

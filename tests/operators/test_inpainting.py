@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from flowdps.operators import Inpainting, box_mask, fit_mask, keep_mask_from_comfy_mask, random_mask
+from flowdps.operators import Inpainting, box_mask, fit_mask, random_mask
 
 
 def test_keep_rule_zeroes_missing_pixels():
@@ -19,25 +19,9 @@ def test_keep_rule_zeroes_missing_pixels():
     assert torch.equal(y[..., 0, :], x[..., 0, :])
 
 
-def test_comfy_mask_conversion():
-    comfy = torch.zeros(1, 4, 4)
-    comfy[:, :2] = 1.0  # ComfyUI: 1 = area to inpaint
-    keep = keep_mask_from_comfy_mask(comfy)
-    y = Inpainting(keep).forward(torch.ones(1, 3, 4, 4))
-    assert float(y[..., :2, :].abs().sum()) == 0
-    assert float(y[..., 2:, :].min()) == 1
-
-
 def test_soft_masks_are_binarised_at_one_half():
     op = Inpainting(torch.tensor([[0.2, 0.5, 0.7]]))
     assert op.mask.tolist() == [[[[0.0, 1.0, 1.0]]]]
-
-
-def test_comfy_mask_value_one_half_is_known():
-    """A ComfyUI MASK is missing above 0.5 and known at exactly 0.5 (as ComfyUI's inpainting nodes round it)."""
-    comfy = torch.tensor([[0.4, 0.5, 0.5001, 1.0]])
-    op = Inpainting(keep_mask_from_comfy_mask(comfy))
-    assert op.mask.tolist() == [[[[1.0, 1.0, 0.0, 0.0]]]]
 
 
 def test_random_mask_ratio_and_seed():
