@@ -271,8 +271,8 @@ class AFDPSConfig:
     (docs/afdps_posterior_outputs.md): there the weights collapse at any affordable ``P`` (ESS 1 of 8 within the
     first steps on every exact image problem), and resampling then only clones a few particles, which removes
     the ensemble's spread (the uncertainty map: 2-19 % of the exact std) and gains nothing; without it the
-    particles stay independent guided chains whose spread is calibrated (:class:`EnsembleUncertainty`). (The
-    default stays 0.5 because the nodes read it as their ``ess_threshold`` default; they should pass 0.)"""
+    particles stay independent guided chains whose spread is calibrated (:class:`EnsembleUncertainty`). The
+    AFDPS nodes default to 0 and say so in their tooltip."""
     resampling: str = "systematic"
     """``"systematic"`` (recommended, lower variance) or ``"multinomial"`` (the paper's Algorithm 1)."""
     chunk_size: int | None = 4
