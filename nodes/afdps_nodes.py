@@ -267,14 +267,16 @@ def uncertainty_line(result: AFDPSResult) -> str:
 
 def ensemble_outputs(results: list[AFDPSResult], y: torch.Tensor,
                      operator) -> tuple[list[torch.Tensor], list[tuple[float, float]]]:
-    """The Restore node's image outputs for every photo's ensemble (best, weighted mean, the particles best first,
-    the uncertainty heat map and mask), and ``||A x - y||`` of the best and the mean. y: (1 or B, C, h, w)."""
+    """The Restore node's image outputs for every photo's ensemble (best, mean, the particles best first, the
+    uncertainty heat map and mask), and ``||A x - y||`` of the best and the mean. y: (1 or B, C, h, w). The mean
+    is the uncertainty map's centre: the weighted mean while the weights are healthy, the plain mean of the
+    particles once they collapse (the weighted mean is then the best particle again)."""
     best, mean, ensemble, masks, residuals = [], [], [], [], []
     for item, result in enumerate(results):
         images = result.images.float().cpu()
         order = torch.argsort(result.weights.cpu(), descending=True, stable=True)
         best.append(images[result.best_index][None])
-        mean.append(result.image_mean.float().cpu())
+        mean.append(result.uncertainty.mean.float().cpu())
         ensemble.append(images[order])
         masks.append(uncertainty(result)[0])
         y_item = y[item if y.shape[0] > 1 else 0][None].float().cpu()
@@ -379,7 +381,9 @@ class AFDPSRestore(io.ComfyNode):
             ],
             outputs=[
                 io.Image.Output(display_name="best", tooltip="The highest-weight particle, decoded."),
-                io.Image.Output(display_name="mean", tooltip="Weighted mean of the decoded particles (MMSE-like)."),
+                io.Image.Output(display_name="mean",
+                                tooltip="Mean of the decoded particles (MMSE-like): weighted while the weights are "
+                                        "healthy, plain once they collapse (see the report)."),
                 io.Image.Output(display_name="particles",
                                 tooltip="All decoded particles, P per photo, ordered by weight (best first)."),
                 io.Image.Output(display_name="uncertainty",
