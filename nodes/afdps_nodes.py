@@ -319,10 +319,10 @@ class AFDPSSampler(io.ComfyNode):
             description=(
                 "AFDPS ensemble posterior sampler (arXiv 2506.03979, rectified-flow form of afdps.md) for "
                 "SamplerCustomAdvanced: every image gets its own P weighted particles, moved by a guided SDE with "
-                "exact twisted-SMC weights and resampled when the ESS drops. Each output batch item is the best "
-                "particle, the weighted mean latent or one weighted draw. Use a rectified-flow model (SD3, SD3.5, "
-                "Flux), a SIGMAS schedule ending at 0, CFG 1-2 (Flux: CFG 1 with FluxGuidance). Costs P model calls "
-                "per step and image."
+                "exact twisted-SMC weights (resampled when the ESS drops below ess_threshold; default 0: never). "
+                "Each output batch item is the best particle, the weighted mean latent or one weighted draw. Use a "
+                "rectified-flow model (SD3, SD3.5, Flux), a SIGMAS schedule ending at 0, CFG 1-2 (Flux: CFG 1 with "
+                "FluxGuidance). Costs P model calls per step and image."
             ),
             inputs=[
                 io.Vae.Input("vae", tooltip=RESTORE_VAE_TOOLTIP),
