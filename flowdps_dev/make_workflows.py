@@ -295,17 +295,19 @@ FLOWDPS_SETTINGS = (
 )
 AFDPS_SETTINGS = (
     "**Settings.** 28 steps, CFG 2.0, shift 4.0 (FlowDPS's paper settings), 8 particles, eta 1, kappa 1, "
-    "resampling at ESS < 0.5, sigma_y 0.015 (afdps.md's defaults), variant `sde`, and a stiffness clip "
+    "sigma_y 0.015, no resampling (`ess_threshold` 0: on images the weights collapse onto one particle and "
+    "resampling would only clone it, leaving no spread for the uncertainty map), variant `sde`, and a stiffness clip "
     "`kappa_clip` 0.5 that keeps the guided moves from overshooting (the weights stay exact; 0 turns it off). "
     "Cost grows linearly with the particles; `chunk_size` bounds the decoder memory (lower it if you run out; "
     "an out-of-memory chunk is retried smaller by itself). Variant `ode` is the probability-flow + Langevin "
     "variant: twice the model calls, more weight variance."
 )
 AFDPS_OUTPUTS = (
-    "**Outputs of AFDPS Restore.** *best* (highest-weight particle) and *mean* (weighted mean) are saved; "
-    "*particles* (all of them, best first) and *uncertainty* (per-pixel spread as a heat map) are previewed; "
-    "*report* (ESS trace, resampling count, weights, residuals) is shown in *Preview as Text*. "
-    "*uncertainty_mask* is the same spread as a MASK, for your own compositing."
+    "**Outputs of AFDPS Restore.** *best* (highest-weight particle) and *mean* (mean of the particles) are saved; "
+    "*particles* (all of them, best first) and *uncertainty* (per-pixel spread as a heat map on a fixed scale: "
+    "brightest = std 0.25 on the [0, 1] scale) are previewed; *report* (ESS trace, resampling count, weights, "
+    "residuals, whether the map is calibrated; also shown on the node) is shown in *Preview as Text*. "
+    "*uncertainty_mask* is the same std as a MASK, for your own compositing."
 )
 
 
@@ -650,9 +652,9 @@ def afdps_restore(task: Task, serial: int, prior: Prior | None = None) -> Workfl
         note(title, [
             f"## {title[0].upper()}{title[1:]} with {prior.label}",
             f"**What it does.** Restores a degraded photo with {AFDPS_CITE}, an ensemble posterior sampler: "
-            "**8 weighted particles** move together under a guided SDE with exact twisted-SMC weights and are "
-            "resampled when the effective sample size drops, so you get several plausible restorations and how "
-            f"much they disagree. {task.what}",
+            "**8 particles** move under a guided SDE with exact twisted-SMC weights (not resampled by default), "
+            "so you get several plausible restorations and how much they disagree. "
+            f"{task.what}",
             load_steps(task, prior),
             AFDPS_OUTPUTS + f" *{task.pinv_title}* is the naive least-squares answer, for comparison.",
             AFDPS_SETTINGS if prior.slug == "sd3" else AFDPS_SETTINGS.replace(

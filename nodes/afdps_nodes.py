@@ -34,6 +34,7 @@ from .bridge import (
     restore,
     run_seed,
     sampler_generator,
+    show_on_node,
 )
 from .common import (
     CATEGORY_ROOT,
@@ -78,6 +79,18 @@ KAPPA_CLIP_TOOLTIP = ("Stiffness clip c (SDE only): each step uses min(kappa, c 
                       "Lipschitz constant of the guidance, so the guided move never overshoots; the weights stay "
                       "exact (afdps.md §2.5). 0: off (the paper's unclipped guidance, which overshoots when sigma_y is "
                       "small). Costs about 24 decoder passes once per image to estimate L.")
+IMAGE_ESS_THRESHOLD = 0.0
+"""The nodes' ESS threshold: never resample. On images the weights collapse onto one particle within the first
+steps at any affordable P, and resampling then clones it: the spread (the uncertainty map) fell to 2-19 % of the
+exact posterior std, against 0.95-1.06 without resampling (benchmarks/results/posterior_quality.md, 256 px, P 8).
+``AFDPSConfig.resample_threshold`` keeps the SMC setting 0.5 for low-dimensional problems."""
+ESS_DEFAULT_NOTE = (" Default 0 here (the Python AFDPSConfig default is 0.5): on images the weights collapse to one "
+                    "particle at any affordable P and resampling only clones it, which makes the uncertainty map "
+                    "black; without resampling the particles stay independent and their spread is calibrated.")
+KAPPA_CLIP_DEFAULT_NOTE = " Default 0.5 here (the Python AFDPSConfig default is off)."
+UNCERTAINTY_FULL_SCALE = 0.25
+"""Std on the [0, 1] image scale shown as the brightest colour of the uncertainty heat map (an absolute scale,
+the same for every run: 0.25 is about the std of a pixel uniform on [0, 1], i.e. nothing known)."""
 CHUNK_TOOLTIP = ("Particles per decoder forward + backward (the memory hog at SD3 resolutions; afdps.md: 1-4). "
                  "0: all particles at once.")
 
@@ -87,8 +100,8 @@ def ensemble_inputs() -> list:
     return [
         io.Float.Input("eta", default=DEFAULTS.eta_v, min=0.0, max=10.0, step=0.05, tooltip=ETA_TOOLTIP),
         io.Float.Input("kappa", default=DEFAULTS.kappa, min=0.0, max=10.0, step=0.05, tooltip=KAPPA_TOOLTIP),
-        io.Float.Input("ess_threshold", default=DEFAULTS.resample_threshold, min=0.0, max=1.0, step=0.05,
-                       tooltip=ESS_TOOLTIP),
+        io.Float.Input("ess_threshold", default=IMAGE_ESS_THRESHOLD, min=0.0, max=1.0, step=0.05,
+                       tooltip=ESS_TOOLTIP + ESS_DEFAULT_NOTE),
         io.Int.Input("chunk_size", default=DEFAULTS.chunk_size, min=0, max=256, tooltip=CHUNK_TOOLTIP),
         io.Float.Input("sigma_y", default=0.015, min=0.0001, max=1000.0, step=0.001, tooltip=SIGMA_Y_TOOLTIP),
     ]
@@ -100,7 +113,7 @@ def late_inputs(*, variant: bool) -> list:
     extra = [io.Combo.Input("variant", options=list(AFDPS_VARIANTS), default="sde", tooltip=VARIANT_TOOLTIP,
                             optional=True)] if variant else []
     return [*extra, io.Float.Input("kappa_clip", default=KAPPA_CLIP, min=0.0, max=10.0, step=0.05,
-                                   tooltip=KAPPA_CLIP_TOOLTIP, optional=True)]
+                                   tooltip=KAPPA_CLIP_TOOLTIP + KAPPA_CLIP_DEFAULT_NOTE, optional=True)]
 
 
 def make_config(eta: float, kappa: float, ess_threshold: float, chunk_size: int, *, variant: str = "sde",
@@ -235,24 +248,35 @@ def heat_map(u: torch.Tensor) -> torch.Tensor:
 
 
 def uncertainty(result: AFDPSResult) -> tuple[torch.Tensor, float]:
-    """Weighted per-pixel std of the decoded particles, averaged over colour channels, on the [0, 1] image
-    scale: (1, H, W) scaled to [0, 1] by its maximum (all zeros when the particles agree), and the maximum."""
-    std = result.image_std.float().mean(dim=1) / 2.0  # [-1, 1] -> [0, 1] scale
-    peak = float(std.max())
-    scaled = std / peak if peak > 0 else torch.zeros_like(std)
-    return scaled.cpu(), peak
+    """The run's uncertainty map (:attr:`AFDPSResult.uncertainty`: the weighted spread of a healthy ensemble,
+    else the plain spread of the particles) on an absolute scale: the per-pixel std averaged over colour
+    channels, on the [0, 1] image scale, (1, H, W), clamped to [0, 1] (never divided by its maximum), and its
+    maximum."""
+    std = result.uncertainty.std.float().mean(dim=1) / 2.0  # [-1, 1] -> [0, 1] scale
+    return std.clamp(0.0, 1.0).cpu(), float(std.max())
+
+
+def uncertainty_line(result: AFDPSResult) -> str:
+    """One line for the node and the report: calibrated or not, why, and the map's scale."""
+    u = result.uncertainty
+    _, peak = uncertainty(result)
+    state = "calibrated" if u.calibrated else "NOT calibrated"
+    return (f"uncertainty map {state} ({u.source}; {u.reason}); std on the [0, 1] scale up to {peak:.3f}, heat "
+            f"map full scale {UNCERTAINTY_FULL_SCALE:g}")
 
 
 def ensemble_outputs(results: list[AFDPSResult], y: torch.Tensor,
                      operator) -> tuple[list[torch.Tensor], list[tuple[float, float]]]:
-    """The Restore node's image outputs for every photo's ensemble (best, weighted mean, the particles best first,
-    the uncertainty heat map and mask), and ``||A x - y||`` of the best and the mean. y: (1 or B, C, h, w)."""
+    """The Restore node's image outputs for every photo's ensemble (best, mean, the particles best first, the
+    uncertainty heat map and mask), and ``||A x - y||`` of the best and the mean. y: (1 or B, C, h, w). The mean
+    is the uncertainty map's centre: the weighted mean while the weights are healthy, the plain mean of the
+    particles once they collapse (the weighted mean is then the best particle again)."""
     best, mean, ensemble, masks, residuals = [], [], [], [], []
     for item, result in enumerate(results):
         images = result.images.float().cpu()
         order = torch.argsort(result.weights.cpu(), descending=True, stable=True)
         best.append(images[result.best_index][None])
-        mean.append(result.image_mean.float().cpu())
+        mean.append(result.uncertainty.mean.float().cpu())
         ensemble.append(images[order])
         masks.append(uncertainty(result)[0])
         y_item = y[item if y.shape[0] > 1 else 0][None].float().cpu()
@@ -260,7 +284,7 @@ def ensemble_outputs(results: list[AFDPSResult], y: torch.Tensor,
                                for x in (best[-1], mean[-1])))
     mask = torch.cat(masks)
     outputs = [pixels_to_image(torch.cat(best)), pixels_to_image(torch.cat(mean)), pixels_to_image(torch.cat(ensemble)),
-               heat_map(mask), mask]
+               heat_map(mask / UNCERTAINTY_FULL_SCALE), mask]
     return outputs, residuals
 
 
@@ -270,7 +294,17 @@ def restore_report(results: list[AFDPSResult], residuals: list[tuple[float, floa
     for item, (result, (r_best, r_mean)) in enumerate(zip(results, residuals, strict=True)):
         lines.append(f"image {item}: {ensemble_summary(result)}")
         lines.append(f"  ||A x - y||: best {r_best:.4g}, mean {r_mean:.4g}; log evidence {result.log_evidence:.4g}")
+        lines.append(f"  {uncertainty_line(result)}")
     return "\n".join(lines)
+
+
+def show_uncertainty_state(results: list[AFDPSResult]) -> str:
+    """Show on the Restore node (in the frontend) whether each photo's uncertainty map is calibrated, and why;
+    returns the text (also logged)."""
+    text = "\n".join(f"image {item}: {uncertainty_line(result)}" for item, result in enumerate(results))
+    logger.info("%s: %s", RESTORE_NAME, text)
+    show_on_node(text)
+    return text
 
 
 class AFDPSSampler(io.ComfyNode):
@@ -285,10 +319,10 @@ class AFDPSSampler(io.ComfyNode):
             description=(
                 "AFDPS ensemble posterior sampler (arXiv 2506.03979, rectified-flow form of afdps.md) for "
                 "SamplerCustomAdvanced: every image gets its own P weighted particles, moved by a guided SDE with "
-                "exact twisted-SMC weights and resampled when the ESS drops. Each output batch item is the best "
-                "particle, the weighted mean latent or one weighted draw. Use a rectified-flow model (SD3, SD3.5, "
-                "Flux), a SIGMAS schedule ending at 0, CFG 1-2 (Flux: CFG 1 with FluxGuidance). Costs P model calls "
-                "per step and image."
+                "exact twisted-SMC weights (resampled when the ESS drops below ess_threshold; default 0: never). "
+                "Each output batch item is the best particle, the weighted mean latent or one weighted draw. Use a "
+                "rectified-flow model (SD3, SD3.5, Flux), a SIGMAS schedule ending at 0, CFG 1-2 (Flux: CFG 1 with "
+                "FluxGuidance). Costs P model calls per step and image."
             ),
             inputs=[
                 io.Vae.Input("vae", tooltip=RESTORE_VAE_TOOLTIP),
@@ -347,16 +381,21 @@ class AFDPSRestore(io.ComfyNode):
             ],
             outputs=[
                 io.Image.Output(display_name="best", tooltip="The highest-weight particle, decoded."),
-                io.Image.Output(display_name="mean", tooltip="Weighted mean of the decoded particles (MMSE-like)."),
+                io.Image.Output(display_name="mean",
+                                tooltip="Mean of the decoded particles (MMSE-like): weighted while the weights are "
+                                        "healthy, plain once they collapse (see the report)."),
                 io.Image.Output(display_name="particles",
                                 tooltip="All decoded particles, P per photo, ordered by weight (best first)."),
                 io.Image.Output(display_name="uncertainty",
-                                tooltip="Heat map of the weighted per-pixel std of the particles (scaled to its "
-                                        "maximum; bright = uncertain)."),
+                                tooltip="Heat map of the per-pixel std of the particles on a fixed scale: black = "
+                                        "0, brightest = std 0.25 or more on the [0, 1] image scale (not scaled to "
+                                        "its maximum). Whether it is calibrated, and why, is shown on the node "
+                                        "and in the report."),
                 io.Mask.Output(display_name="uncertainty_mask",
-                               tooltip="The per-pixel std scaled to [0, 1] by its maximum."),
+                               tooltip="The per-pixel std itself, on the [0, 1] image scale (absolute)."),
                 io.String.Output(display_name="report",
-                                 tooltip="ESS trace, resampling count, final weights and residuals."),
+                                 tooltip="ESS trace, resampling count, final weights, residuals and whether the "
+                                         "uncertainty map is calibrated."),
             ],
         )
 
@@ -376,5 +415,6 @@ class AFDPSRestore(io.ComfyNode):
                       sampler)
         results, run.sampler.results = run.sampler.results, []
         images, residuals = ensemble_outputs(results, run.problem.measurement, operator)
+        show_uncertainty_state(results)
         report = restore_report(results, residuals, particles=int(particles), steps=steps, sigma_y=sigma_y)
         return io.NodeOutput(*images, report)

@@ -15,6 +15,7 @@ term with a differentiable decoder). Every sampler function of the pack is built
 * private copies (ComfyUI's weights are inference tensors): memory room on a GPU (:func:`make_room`) and the
   lifecycle of a copy (:func:`released`, :func:`decoder_copy`);
 * the Restore nodes' run through ComfyUI's own sampling path (:func:`restore`);
+* a line of text on the executing node in the frontend (:func:`show_on_node`);
 * the KSAMPLER functions of FlowDPS / FlowChef (:func:`sample_posterior`) and PSLD (:func:`sample_psld`), which
   keep only their differences (AFDPS's ``Sampler``, ``afdps_nodes.py``, is built from the same pieces).
 """
@@ -24,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple, TypeVar
@@ -218,6 +220,29 @@ def _identity(x: torch.Tensor) -> torch.Tensor:
 
 
 # --- private copies -------------------------------------------------------------------------------------------
+
+
+def show_on_node(text: str) -> bool:
+    """Show ``text`` on the node being executed, in the frontend (ComfyUI's
+    ``PromptServer.instance.send_progress_text(text, node_id)``, as ``GetImageSize`` does). Only where a server
+    runs: the ``server`` module already imported by ComfyUI's ``main.py`` with its instance set, and a node
+    executing (``comfy_execution.utils.get_executing_context``). Returns whether the text was sent; without a
+    server (tests, scripts) it does nothing. Never raises: a failed display must not fail the run."""
+    server = sys.modules.get("server")
+    instance = getattr(getattr(server, "PromptServer", None), "instance", None)
+    if instance is None:
+        return False
+    try:
+        from comfy_execution.utils import get_executing_context
+
+        context = get_executing_context()
+        if context is None:
+            return False
+        instance.send_progress_text(text, context.node_id)
+    except Exception:  # display only: the outputs and the report carry the same text
+        logger.warning("could not show the text on the node", exc_info=True)
+        return False
+    return True
 
 
 def make_room(nbytes: int, device: torch.device, keep: Any = None) -> None:

@@ -19,6 +19,11 @@ Per step ``s = s_i -> s' = s_{i+1}``, ``dt = s - s' > 0``, ``V^2 = 2 eta_v s`` (
   ``-eps_hat / s'`` and the exact ``grad mu_s'`` (no weight change). One extra denoiser call per corrector step.
 * :class:`TwistedWeights` (W2): the exact SMC weight of the Euler-Maruyama prior chain tilted by ``exp(-mu_0)``
   at the end, for any proposal gradient and any intermediate potentials (afdps.md App. B).
+* The last step (``AFDPSConfig.final_step``): :class:`EndOnDenoised` ends every particle on its denoised estimate
+  ``z0_hat(z, s_{K-1})`` (the probability-flow Euler step to 0, exactly: deterministic and unguided, so the
+  move leaves no noise and its W2 weight is ``mu_{s_{K-1}}(z) - mu_0(z0_hat)``); :class:`DataConsistencyStep`
+  then moves each particle once towards the measurement (a Gaussian proximal step with a perturbed
+  measurement), after the last weight update (docs/afdps_posterior_outputs.md).
 
 A :class:`Level` is the particles at one noise level with their denoised estimate, potential and gradient.
 """
@@ -33,11 +38,14 @@ from typing import ClassVar, NamedTuple, Protocol, TypeVar
 import torch
 from torch import Tensor
 
-from .afdps_potentials import ParticleSpace, Potential
+from .afdps_potentials import Likelihood, ParticleSpace, Potential
 from .flow import noise_from_x0
-from .loop import fresh_noise
+from .loop import batch_view, fresh_noise
 
 __all__ = [
+    "SIGNIFICANCE",
+    "DataConsistencyStep",
+    "EndOnDenoised",
     "GuidedEulerMaruyama",
     "LangevinCorrector",
     "Level",
@@ -48,6 +56,8 @@ __all__ = [
     "TwistedWeights",
     "Weighting",
     "clipped_kappa",
+    "dc_error_variance",
+    "denoiser_error_variance",
     "girsanov_log_ratio",
     "langevin_move",
     "langevin_step_size",
@@ -185,6 +195,81 @@ class LangevinCorrector:
             xi = fresh_noise(level.z, generator)
             level = at_level(langevin_move(level.z, level.z0, level.g, sigma, h, xi), sigma)
         return level
+
+
+@dataclass(frozen=True)
+class EndOnDenoised:
+    """The last step to ``s = 0``: ``z' = z0_hat(z, s)``, the particles' denoised estimate (module docstring)."""
+
+    def __call__(self, level: Level, sigma: float, sigma_next: float, potential: Potential,
+                 generator: torch.Generator) -> Move:
+        return Move(level.z0, 0.0, None, None)
+
+
+# --- the final data-consistency step ---------------------------------------------------------------------
+
+SIGNIFICANCE = 3.0
+"""z-score above which a particle's residual counts as larger than the measurement noise explains
+(:func:`dc_error_variance`): ``||r||^2 / m > sigma_y^2 (1 + 3 sqrt(2 / m))``, the chi-square tail of ``m`` entries."""
+
+
+def denoiser_error_variance(sigma: float) -> float:
+    """``s^2 / ((1 - s)^2 + s^2)``: the variance of ``z0 - z0_hat(z_s)`` per coordinate for a unit-variance
+    Gaussian code (the ``tweedie`` family's tempering at ``gamma^2 = 1``)."""
+    return sigma**2 / ((1.0 - sigma) ** 2 + sigma**2)
+
+
+def dc_error_variance(sq: Tensor, m: int, sigma_y: float, gamma2: float, sigma: float) -> Tensor:
+    """``r^2``, the variance per code coordinate that the data-consistency step assigns to the error of each
+    particle's ``z0_hat`` (treated as white): the unit-variance Tweedie value :func:`denoiser_error_variance` at
+    the last level ``sigma``, or more where the particle's residual says so: ``(||r||^2 / m - sigma_y^2) /
+    gamma^2`` when ``||r||^2 / m`` exceeds ``sigma_y^2`` by more than :data:`SIGNIFICANCE` standard deviations
+    of ``m`` noise entries. sq: (P,) ``||A D(z0_hat) - y||^2`` over the ``m`` measured entries; gamma2:
+    ``||A J_D||_F^2 / m``. Returns (P,) float64."""
+    floor = denoiser_error_variance(sigma)
+    per_entry = sq.to(torch.float64) / m
+    significant = per_entry > sigma_y**2 * (1.0 + SIGNIFICANCE * math.sqrt(2.0 / m))
+    excess = (per_entry - sigma_y**2).clamp_min(0.0) / gamma2
+    return torch.where(significant, excess.clamp_min(floor), torch.full_like(excess, floor))
+
+
+@dataclass(frozen=True)
+class DataConsistencyStep:
+    """One step towards the measurement after the last level (``final_step="dc"``).
+
+    Each particle ``z`` (its ``z0_hat`` at the last level ``s_{K-1}``) is treated as ``N(z0, r^2 I)`` around the
+    truth, ``r^2`` from :func:`dc_error_variance`, and moved once along the data gradient to the mean of
+    ``N(z; z_hat, r^2 I) N(y'; A D(z), sigma_y^2 I)`` in the top singular direction of ``A J_D``::
+
+        z <- z - h J_D^T A^T (A D(z) - y'),   h = r^2 / (sigma_y^2 + r^2 ||A J_D||_2^2)
+
+    with a perturbed measurement ``y' = y + sigma_y xi`` on the entries that depend on the image (the ensemble
+    Kalman trick: each particle sees its own noise draw, so the measured part of the ensemble keeps the noise
+    level's spread instead of collapsing onto ``y``). Exact in one step for operators whose non-zero singular
+    values are equal (inpainting, average-pool SR, in pixel space or through a linear decoder with ``D^T D``
+    a multiple of I); smaller singular directions move less. One decoder forward + VJP per particle.
+    """
+
+    likelihood: Likelihood
+
+    def __call__(self, z: Tensor, sigma: float, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """``(z moved: (P, ...), gain: (P,) float64)`` for particles ``z`` at ``s = 0`` and the last non-zero
+        level ``sigma``; ``gain = r^2 L / (sigma_y^2 + r^2 L)`` (``L = ||A J_D||^2``), the fraction of the residual
+        removed in the top singular direction (0: no change, 1: onto ``y'``)."""
+        lik = self.likelihood
+        m = lik.probe.support_size
+        frobenius2 = lik.frobenius2.at(z)
+        if m == 0 or frobenius2 <= 0:
+            return z, torch.zeros(z.shape[0], dtype=torch.float64, device=z.device)
+        y = lik.y.to(z.device)
+        xi = fresh_noise(y.expand(z.shape[0], *y.shape[1:]), generator)
+        targets = y + lik.sigma_y * xi * lik.probe.support.to(y.device)
+        sq, grad = lik.perturbed_value_and_grad(z, targets)
+        norm2 = lik.norm2.at(z)
+        r2 = dc_error_variance(sq, m, lik.sigma_y, frobenius2 / m, sigma)
+        step = r2 / (lik.sigma_y**2 + r2 * norm2)
+        moved = z - batch_view(step.to(device=z.device, dtype=grad.dtype), grad) * grad
+        return moved.to(z.dtype), (r2 * norm2 / (lik.sigma_y**2 + r2 * norm2)).to(z.device)
 
 
 # --- weights ---------------------------------------------------------------------------------------------

@@ -50,19 +50,23 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "TEMPERED_VARIANCES",
     "AdaptiveChunk",
+    "JacobianFrobenius2",
     "LatentNoisedPotential",
     "Likelihood",
     "Measurement",
     "NoPotential",
     "OperatorNorm2",
+    "OperatorProbe",
     "ParticleSpace",
     "Potential",
     "TweediePotential",
     "estimate_gamma2",
+    "estimate_jacobian_frobenius2",
     "estimate_jacobian_norm2",
     "estimate_operator_norm2",
     "latent_noised_variance",
     "noised_variance",
+    "probe_operator",
     "residual_value_and_grad",
     "tempered_variance",
     "tweedie_gain",
@@ -112,18 +116,51 @@ def tempered_variance(potential: str, sigma: float, sigma_y: float, gamma2: floa
 
 # --- estimates of the operator's scale (deterministic: private generators) -------------------------------
 
+class OperatorProbe(NamedTuple):
+    """What Rademacher probes ``u`` (image-shaped) tell about the linear ``A``: ``gamma^2``, ``||A||_F^2`` and which
+    measurement entries depend on the image at all."""
+
+    gamma2: float
+    """``||A||_F^2 / m`` with ``m`` every entry of ``A(x)`` (the tempering default, :func:`estimate_gamma2`)."""
+    frobenius2: float
+    """``||A||_F^2 = E ||A u||^2``."""
+    support: Tensor
+    """(1, ...) bool, ``A(x)``'s shape: the entries some probe reached (``False`` where the row of ``A`` is 0, e.g.
+    the missing pixels of inpainting, which hold no information about the image)."""
+
+    @property
+    def support_size(self) -> int:
+        """``m_s``, the number of measurement entries that depend on the image."""
+        return int(self.support.sum())
+
+
+def probe_operator(forward: TensorMap, shape: tuple[int, ...], *, n_probes: int, dtype: torch.dtype,
+                   device: torch.device | str | None = None, seed: int = 0) -> OperatorProbe:
+    """``||A||_F^2 / m``, ``||A||_F^2`` and the support of ``A``'s rows from ``n_probes`` Rademacher probes
+    (Hutchinson: ``E ||A u||^2 = ||A||_F^2``).
+
+    forward: the linear ``A`` on a batch (n, *shape) -> (n, m...); shape: one input's shape (e.g. (3, H, W)).
+    Deterministic: the probes come from a private generator seeded ``seed``. An entry counts as outside the
+    support when every probe gives exactly 0 there (for a row with k non-zero coefficients of equal magnitude
+    that misses it with probability at most 2^-n_probes)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    u = torch.randint(0, 2, (n_probes, *shape), generator=g, device=device).to(dtype) * 2 - 1
+    with torch.inference_mode(False), torch.no_grad():
+        au = forward(u)
+        flat = au.reshape(n_probes, -1)
+        sq = flat.to(torch.float64).square().sum(1)
+        support = (au != 0).any(0, keepdim=True)              # an ordinary tensor, usable under autograd
+    return OperatorProbe(float(sq.mean() / flat.shape[1]), float(sq.mean()), support)
+
+
 def estimate_gamma2(forward: TensorMap, shape: tuple[int, ...], *, n_probes: int, dtype: torch.dtype,
                     device: torch.device | str | None = None, seed: int = 0) -> float:
     """``||A||_F^2 / m`` (mean eigenvalue of ``A A^T``) by Hutchinson: ``mean ||A u||^2 / m``, u Rademacher.
 
     forward: the linear ``A`` on a batch (n, *shape) -> (n, m...); shape: one input's shape (e.g. (3, H, W)).
-    Deterministic: the probes come from a private generator seeded ``seed``.
+    Deterministic: the probes come from a private generator seeded ``seed`` (:func:`probe_operator`).
     """
-    g = torch.Generator(device=device).manual_seed(seed)
-    u = torch.randint(0, 2, (n_probes, *shape), generator=g, device=device).to(dtype) * 2 - 1
-    with torch.inference_mode(False), torch.no_grad():
-        au = forward(u).reshape(n_probes, -1)
-    return float(au.to(torch.float64).square().sum(1).mean() / au.shape[1])
+    return probe_operator(forward, shape, n_probes=n_probes, dtype=dtype, device=device, seed=seed).gamma2
 
 
 def estimate_operator_norm2(forward: TensorMap, shape: tuple[int, ...], *, dtype: torch.dtype,
@@ -170,6 +207,24 @@ def estimate_jacobian_norm2(fn: TensorMap, u0: Tensor, *, n_iter: int = 8, seed:
     return value
 
 
+def estimate_jacobian_frobenius2(fn: TensorMap, u0: Tensor, *, n_probes: int, seed: int = 0,
+                                 rel_eps: float = 1e-3) -> float:
+    """``||J||_F^2`` of ``fn`` at ``u0: (1, ...)`` by Hutchinson, ``mean ||J v||^2`` over ``n_probes`` Rademacher ``v``,
+    with ``J v`` a central difference (exact for a linear ``fn``); no gradients. Deterministic (private
+    generator seeded ``seed``)."""
+    work = compute_dtype(u0.dtype)
+    g = torch.Generator(device=u0.device).manual_seed(seed)
+    with torch.inference_mode(False), torch.no_grad():
+        u0 = u0.detach().clone().to(work)
+        eps = rel_eps * max(1.0, float(torch.linalg.vector_norm(u0)))
+        total = 0.0
+        for _ in range(n_probes):
+            v = torch.randint(0, 2, u0.shape, generator=g, device=u0.device).to(work) * 2 - 1
+            jv = (fn(u0 + eps * v) - fn(u0 - eps * v)) / (2 * eps)
+            total += float(jv.to(torch.float64).square().sum())
+    return total / n_probes
+
+
 # --- chunked decoder passes ------------------------------------------------------------------------------
 
 @dataclass
@@ -182,24 +237,30 @@ class AdaptiveChunk:
     def map(self, u: Tensor, fn: Callable[[Tensor], T]) -> list[T]:
         """``[fn(chunk) for chunk in u.split(size)]``; a chunk that raises ``torch.OutOfMemoryError`` is retried
         with half the size. One particle out of memory re-raises, naming the size."""
+        return self.map_rows(u.shape[0], lambda rows: fn(u[rows]), tuple(u.shape[1:]))
+
+    def map_rows(self, n: int, fn: Callable[[slice], T], shape: tuple[int, ...] = ()) -> list[T]:
+        """``fn(rows)`` for consecutive row ranges ``rows`` of ``n`` rows, ``size`` at a time (halved on out of
+        memory, as :meth:`map`); ``shape`` (one particle's) only words the error."""
         outs: list[T] = []
-        start, n = 0, u.shape[0]
+        start = 0
         while start < n:
-            part = u[start:start + (n if self.size is None else self.size)]
+            rows = slice(start, min(n, start + (n if self.size is None else self.size)))
+            count = rows.stop - rows.start
             try:
-                outs.append(fn(part))
+                outs.append(fn(rows))
             except torch.OutOfMemoryError as err:
-                if part.shape[0] == 1:
+                if count == 1:
                     raise torch.OutOfMemoryError(
-                        f"out of memory in the decoder pass of a single particle (shape {tuple(part.shape[1:])}): "
+                        f"out of memory in the decoder pass of a single particle (shape {shape}): "
                         f"reduce the image size or free memory; chunking cannot go below 1") from err
-                self.size = part.shape[0] // 2
+                self.size = count // 2
                 logger.warning("AFDPS: out of memory with %d particles per decoder pass; retrying with %d",
-                               part.shape[0], self.size)
+                               count, self.size)
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
                 continue
-            start += part.shape[0]
+            start = rows.stop
         return outs
 
 
@@ -312,26 +373,57 @@ class OperatorNorm2:
         return self.forward(self.space(u))
 
 
+JACOBIAN_PROBES = 4
+"""Rademacher probes (8 decoder forwards) for ``||A J_D||_F^2`` on latents (:class:`JacobianFrobenius2`): it only
+sets the scale of the final data-consistency step's gain, which saturates, so a rough value is enough."""
+
+
+@dataclass(eq=False)
+class JacobianFrobenius2:
+    """``||A J_D||_F^2`` on the particles' space: ``||A||_F^2`` from the operator probes in pixel space, a
+    Hutchinson estimate through the decoder linearised at the first ``z0_hat`` asked for on latents (once)."""
+
+    forward: TensorMap
+    space: ParticleSpace
+    pixel_value: float
+    """``||A||_F^2`` (the operator probes), the value in pixel space."""
+    value: float | None = None
+
+    def at(self, z0_hat: Tensor) -> float:
+        if self.value is None:
+            self.value = self.pixel_value if self.space.decode is None else estimate_jacobian_frobenius2(
+                self._forward_decoded, z0_hat[:1], n_probes=JACOBIAN_PROBES)
+        return self.value
+
+    def _forward_decoded(self, u: Tensor) -> Tensor:
+        return self.forward(self.space(u))
+
+
 @dataclass(frozen=True, eq=False)
 class Likelihood:
     """The measurement with what every measurement potential needs: ``gamma^2``, ``||A J_D||^2`` and the chunked
-    residual gradients through the decoder."""
+    residual gradients through the decoder (and what the final data-consistency step needs: the support of
+    ``A``'s rows and ``||A J_D||_F^2``)."""
 
     measurement: Measurement
     space: ParticleSpace
     gamma2: float
     """``gamma^2`` of the tempered variances, on the scale of ``A(x)``."""
     norm2: OperatorNorm2
+    probe: OperatorProbe
+    """The operator probes (:func:`probe_operator`) on images shaped like ``D(z)``."""
+    frobenius2: JacobianFrobenius2
 
     @classmethod
     def build(cls, measurement: Measurement, space: ParticleSpace, probe: Tensor, *, gamma2: float | None,
               gamma_probes: int, operator_norm2: float | None) -> Likelihood:
         """``gamma2`` or, when ``None``, ``||A||_F^2 / m`` estimated with ``gamma_probes`` Rademacher probes on
-        images shaped like ``D(probe)`` (``probe: (1, ...)``, one particle)."""
-        if gamma2 is None:
-            gamma2 = estimate_gamma2(measurement.forward, space.image_shape(probe), n_probes=gamma_probes,
-                                     dtype=space.work, device=probe.device)
-        return cls(measurement, space, gamma2, OperatorNorm2(measurement.forward, space, operator_norm2))
+        images shaped like ``D(probe)`` (``probe: (1, ...)``, one particle; decoded once for the shape)."""
+        probed = probe_operator(measurement.forward, space.image_shape(probe), n_probes=gamma_probes,
+                                dtype=space.work, device=probe.device)
+        return cls(measurement, space, probed.gamma2 if gamma2 is None else gamma2,
+                   OperatorNorm2(measurement.forward, space, operator_norm2), probed,
+                   JacobianFrobenius2(measurement.forward, space, probed.frobenius2))
 
     @property
     def sigma_y(self) -> float:
@@ -350,6 +442,14 @@ class Likelihood:
         """``(||A D(u) - target||^2: (P,) float64, J^T (A D(u) - target): (P, ...))``, chunk by chunk."""
         return residual_value_and_grad(u, functools.partial(self._residual, target), self.space.chunk)
 
+    def perturbed_value_and_grad(self, u: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        """``(||A D(u) - y||^2`` over the support: (P,) float64, ``J^T (A D(u) - targets)``: (P, ...))`` for
+        one target per particle, ``targets: (P, ...)`` (the measurement perturbed), chunk by chunk."""
+        parts = self.space.chunk.map_rows(u.shape[0], functools.partial(self._perturbed_chunk, u, targets),
+                                          tuple(u.shape[1:]))
+        values, grads = zip(*parts, strict=True)
+        return torch.cat(values), torch.cat(grads)
+
     def negative_log_likelihood(self, images: Tensor) -> Tensor:
         """``mu_0 = ||A x - y||^2 / (2 sigma_y^2)``: (P,) float64 for images ``x: (P, ...)`` (no graph)."""
         with torch.inference_mode(False), torch.no_grad():
@@ -362,6 +462,20 @@ class Likelihood:
 
     def _image_residual(self, x: Tensor) -> Tensor:
         return self.measurement.forward(x) - self.y.to(x.dtype)
+
+    def _perturbed_chunk(self, u: Tensor, targets: Tensor, rows: slice) -> tuple[Tensor, Tensor]:
+        with torch.inference_mode(False):
+            part = u[rows].detach().clone().to(compute_dtype(u.dtype))
+            target = targets[rows].detach().clone()          # ordinary tensors, even under inference mode
+            with torch.enable_grad():
+                part.requires_grad_(True)
+                ax = self.measurement.forward(self.space(part))
+                support = self.probe.support.to(device=ax.device)
+                plain = (ax - self.y.to(device=ax.device, dtype=ax.dtype)) * support
+                perturbed = (ax - target.to(device=ax.device, dtype=ax.dtype)) * support
+                g = gradient(0.5 * perturbed.square().sum(), part)
+            sq = plain.detach().reshape(plain.shape[0], -1).to(torch.float64).square().sum(1)
+            return sq, (torch.zeros_like(part) if g is None else g.detach())
 
 
 # --- the potentials --------------------------------------------------------------------------------------

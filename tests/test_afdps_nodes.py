@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import re
+import sys
 
 import pytest
 import torch
@@ -76,7 +77,12 @@ def test_restore_outputs_and_residual(comfy, photo, task):
         assert torch.isfinite(image).all()
         assert float(image.min()) >= 0.0
         assert float(image.max()) <= 1.0
-    assert float(mask.max()) in (0.0, pytest.approx(1.0))  # scaled to its max; 0 when one particle has all weight
+    # the map on an absolute scale: the std itself ([0, 1] image scale; <= 0.5 for values in [0, 1]), never scaled
+    # to its maximum, and the heat map its colouring with full scale UNCERTAINTY_FULL_SCALE
+    nodes = comfy.pack_module("nodes.afdps_nodes")
+    assert float(mask.max()) <= 0.5
+    torch.testing.assert_close(heat, nodes.heat_map(mask / nodes.UNCERTAINTY_FULL_SCALE), rtol=0, atol=1e-6)
+    assert re.search(r"uncertainty map (NOT )?calibrated \((weighted|unweighted|none); ", report), report
     torch.testing.assert_close(best, particles[:1], rtol=0, atol=0)  # particles come best first
     n_resampled = int(re.search(r"resampled (\d+) times", report).group(1))
     assert n_resampled == STEPS - 1  # threshold 1: after every step but the last
@@ -85,7 +91,8 @@ def test_restore_outputs_and_residual(comfy, photo, task):
 
     plain = comfy.run(restore_graph(task, sigma_y=NO_DATA), fresh=True).raise_for_error()
     assert "resampled 0 times" in plain.output("restore", 5)  # uniform weights: the particles all count
-    assert float(plain.output("restore", 4).max()) == pytest.approx(1.0)
+    assert "uncertainty map calibrated (weighted; " in plain.output("restore", 5)  # healthy weights
+    assert 1e-3 < float(plain.output("restore", 4).max()) <= 0.5                  # absolute, not 1 (scaled)
     assert float(plain.output("restore", 3).std()) > 1e-3
     for index, name in ((0, "best"), (1, "mean")):
         r_ours, r_plain = residual(ours, index=index), residual(plain, index=index)
@@ -220,3 +227,38 @@ def test_restore_ode_variant_and_kappa_clip_lower_the_residual(comfy, photo, lat
     logging.getLogger(__name__).warning("AFDPS %s, %d steps: residual ratio %.3f", late, steps, ratio)
     assert ratio < bound, (late, ratio)
     assert torch.isfinite(ours.output("restore", 2)).all()
+
+
+class _ProgressTextServer:
+    """``server.PromptServer.instance`` as far as ``send_progress_text`` goes: records (text, node id)."""
+
+    def __init__(self) -> None:
+        self.texts: list[tuple[str, str]] = []
+
+    def send_progress_text(self, text: str, node_id: str) -> None:
+        self.texts.append((text, node_id))
+
+
+def test_restore_shows_the_uncertainty_state_on_the_node(comfy, photo, monkeypatch):
+    """With a server, the Restore node sends whether its map is calibrated (and why) to its own node in the
+    frontend (``send_progress_text``); collapsed weights after resampling are flagged not calibrated. Without
+    a server (every other test here) nothing is sent and nothing fails."""
+    import types
+
+    bridge = comfy.pack_module("nodes.bridge")
+    assert bridge.show_on_node("no server") is False
+    fake = _ProgressTextServer()
+    monkeypatch.setitem(sys.modules, "server", types.SimpleNamespace(PromptServer=types.SimpleNamespace(instance=fake)))
+    assert bridge.show_on_node("no node executing") is False                 # outside a node: nothing sent
+    result = comfy.run(restore_graph("box_inpaint", sigma_y=0.01), fresh=True).raise_for_error()
+    report = result.output("restore", 5)
+    ((text, node_id),) = fake.texts
+    assert node_id == "restore"
+    assert text.startswith("image 0: uncertainty map ")
+    assert text.split("image 0: ")[1] in report                               # the report carries the same line
+    # ESS threshold 1 resamples after every step: healthy weights give the weighted (calibrated) map, collapsed
+    # ones the plain spread of clones, flagged with what to change
+    state = re.search(r"uncertainty map (calibrated \(weighted|NOT calibrated \(unweighted); ", text)
+    assert state, text
+    if state.group(1).startswith("NOT"):
+        assert "set the ESS threshold to 0" in text
