@@ -34,8 +34,7 @@ identity "adjoint" of motion and kernel blurs as the measurement residual; PSLD'
 mean, not a sample; `Simulate measurement` clips to [0, 1] unless `clip` is off. README.md explains each.
 
 **Labels.** The editor shows friendlier labels for some inputs (column *label*, from `locales/en/nodeDefs.json`);
-saved workflows and API prompts keep the input names (column *input*). The AFDPS settings are explained in
-[docs/afdps.md](docs/afdps.md).
+saved workflows and API prompts keep the input names (column *input*).
 """
 
 

@@ -1,6 +1,6 @@
 """AFDPS nodes: the ensemble (twisted-SMC) posterior sampler as a SAMPLER and as an all-in-one Restore node.
 
-AFDPS (samplers/afdps.py, docs/afdps.md) moves ``P`` weighted particles per image. ComfyUI's KSAMPLER functions
+AFDPS (samplers/afdps.py) moves ``P`` weighted particles per image. ComfyUI's KSAMPLER functions
 see one latent per image, so the bridge is a ``comfy.samplers.Sampler`` subclass (a KSAMPLER function cannot
 change the batch it is given): for every batch
 item it builds ``P`` particles, runs :func:`~..samplers.sample_afdps` with ComfyUI's guider as the denoiser
@@ -54,7 +54,7 @@ from .padding import crop_image
 logger = logging.getLogger(__name__)
 
 RESTORE_NAME = "AFDPS Restore"  # the Restore node's messages and log lines start with it
-RESTORE_DISPLAY_NAME = "AFDPS Restore (several results + uncertainty)"  # what the editor shows and finds
+RESTORE_DISPLAY_NAME = "Restore with uncertainty (AFDPS)"  # what the editor shows and its search finds
 OUTPUTS = ("best", "mean", "sample")
 AFDPS_VARIANTS = ("sde", "ode")
 VARIANT_TOOLTIP = ("Keep 'sde' (recommended). 'ode' takes twice the time and its weights vary more. ('sde': guided "
@@ -307,7 +307,7 @@ class AFDPSSampler(io.ComfyNode):
             display_name="AFDPS Sampler",
             category=CATEGORY_SAMPLERS,
             description=(
-                "AFDPS ensemble posterior sampler (arXiv 2506.03979, in the rectified-flow form of docs/afdps.md) for "
+                "AFDPS ensemble posterior sampler (arXiv 2506.03979, in rectified-flow form) for "
                 "SamplerCustomAdvanced: every image gets its own P weighted particles, moved by a guided SDE with "
                 "exact twisted-SMC weights and resampled when the ESS drops. Each output batch item is the best "
                 "particle, the weighted mean latent or one weighted draw. Use a rectified-flow model (SD3, SD3.5, "

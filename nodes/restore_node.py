@@ -21,7 +21,7 @@ from .inputs import check_links, step_schedule
 from .padding import crop_image
 
 NAME = "FlowDPS Restore"  # messages and log lines start with it
-DISPLAY_NAME = "FlowDPS Restore (upscale, deblur, inpaint)"  # what the editor shows and its node search finds
+DISPLAY_NAME = "Restore: upscale, deblur, inpaint (FlowDPS)"  # what the editor shows; its search finds these words
 METHODS = ("flowdps", "flowchef", "psld")
 
 

@@ -50,7 +50,8 @@ def test_sr_pads_in_measurement_space_so_the_result_is_factor_times_the_photo(pa
     assert plan.image == (image, image)                                  # exactly factor x the photo
     assert plan.padded_measurement == (padded, padded)
     assert plan.padded_image == (padded * factor, padded * factor)
-    assert plan.padded_image[0] % 16 == 0 and plan.padded_image[0] - image < 16 * factor
+    assert plan.padded_image[0] % 16 == 0
+    assert plan.padded_image[0] - image < 16 * factor
     assert plan.needed == (padded != side)
 
 
@@ -74,7 +75,8 @@ def test_an_inpainting_mask_is_padded_as_unknown(padding, ops):
     padded = padding.pad_operator(op, plan)
     assert padded.mask.shape[-2:] == (32, 32)
     torch.testing.assert_close(padded.mask[..., :20, :20], op.mask)       # the photo's mask is unchanged
-    assert padded.mask[..., 20:, :].sum() == 0 and padded.mask[..., :, 20:].sum() == 0  # the strip is unknown
+    assert padded.mask[..., 20:, :].sum() == 0
+    assert padded.mask[..., :, 20:].sum() == 0
     # so the padded strip never constrains the photo: A x is zero there whatever the measurement holds
     x = torch.randn(1, 3, 32, 32)
     assert padded.forward(x)[..., 20:, :].abs().sum() == 0
@@ -151,7 +153,8 @@ def test_painted_mask_inpainting_of_an_odd_sized_photo_keeps_every_pixel(comfy, 
     assert tuple(result.output("restore").shape) == (1, 36, 28, 3)
     mask = result.output("op", 1)[0]
     assert tuple(mask.shape) == (36, 28)
-    assert mask.sum() == 18 * 14 and mask[9:27, 7:21].min() == 1          # the middle quarter: 0.25 .. 0.75
+    assert mask.sum() == 18 * 14
+    assert mask[9:27, 7:21].min() == 1
 
 
 def test_relative_box_follows_the_photo_and_the_old_box_still_works(comfy, write_photo):
@@ -232,7 +235,8 @@ def test_padding_is_shown_on_the_restore_node_and_logged(comfy, write_photo, ser
     caplog.set_level(logging.INFO)
     comfy.run(sr_restore_graph(name), fresh=True).raise_for_error()
     shown = [text for node, text in server.texts if node == "restore"]
-    assert shown and "the photo is 20x20 px, so the result is 40x40 px" in shown[-1]
+    assert shown
+    assert "the photo is 20x20 px, so the result is 40x40 px" in shown[-1]
     assert "cropped the result back to 40x40: no pixels lost" in shown[-1]
     assert any(m.startswith("FlowDPS Restore: the photo is 20x20 px") for m in caplog.messages)
 
@@ -251,7 +255,8 @@ def test_a_vae_of_another_family_is_a_warning_on_the_node(comfy, write_photo, ti
                                   prior=tiny_families["flux-dev"], vae_name=graphs.TINY_VAE, **FAST)
     comfy.run(prompt, fresh=True).raise_for_error()
     shown = "\n".join(text for node, text in server.texts if node == "restore")
-    assert "another model family's VAE" in shown and "wrong colours" in shown
+    assert "another model family's VAE" in shown
+    assert "wrong colours" in shown
     assert "guidance-distilled" in shown                  # cfg 2 on Flux: the second warning, on its own line
     assert len(shown.splitlines()) >= 2
 
