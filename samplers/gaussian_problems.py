@@ -46,13 +46,24 @@ import dataclasses
 import functools
 import math
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..operators import AvgPoolSR, BicubicSR, Blur, Composed, Identity, Inpainting, bicubic_matrices
+if TYPE_CHECKING:   # mypy checks operators/ and samplers/ as top-level packages, where '..' would leave them
+    from operators import (  # noqa: TID251  (type checking only; the pack imports relatively, below)
+        AvgPoolSR,
+        BicubicSR,
+        Blur,
+        Composed,
+        Identity,
+        Inpainting,
+        bicubic_matrices,
+    )
+else:
+    from ..operators import AvgPoolSR, BicubicSR, Blur, Composed, Identity, Inpainting, bicubic_matrices
 
 __all__ = [
     "CG_MAX_ITER",
@@ -92,6 +103,14 @@ per pixel)."""
 Shape3 = tuple[int, int, int]
 
 
+class LinearMap(Protocol):
+    """What a problem needs of its operator ``A`` (an ``operators.LinearOperator``, or any object with these)."""
+
+    def forward(self, x: Tensor) -> Tensor: ...
+
+    def adjoint(self, y: Tensor) -> Tensor: ...
+
+
 def _f64(x: Tensor | float, shape: Shape3 | None = None) -> Tensor:
     t = x.detach().to(torch.float64) if isinstance(x, Tensor) else torch.tensor(float(x), dtype=torch.float64)
     if shape is None:
@@ -106,7 +125,8 @@ def _frequencies(height: int, width: int) -> Tensor:
     """(H, W) squared radial frequency ``|f|^2`` in cycles per pixel (``fftfreq`` on both axes), float64."""
     fh = torch.fft.fftfreq(height, dtype=torch.float64)
     fw = torch.fft.fftfreq(width, dtype=torch.float64)
-    return fh[:, None] ** 2 + fw[None, :] ** 2
+    squared: Tensor = fh[:, None] ** 2 + fw[None, :] ** 2
+    return squared
 
 
 def _half_weights(height: int, width: int) -> Tensor:
@@ -173,7 +193,7 @@ class GaussianImagePrior:
             raise ValueError("spectrum must be symmetric under k -> -k (a real covariance)")
         object.__setattr__(self, "spectrum", spectrum)
         object.__setattr__(self, "colour", colour)
-        object.__setattr__(self, "mean", _f64(self.mean, shape))
+        object.__setattr__(self, "mean", _f64(self.mean, (shape[0], shape[1], shape[2])))
 
     # ---- constructors -----------------------------------------------------------------------------------
     @classmethod
@@ -187,7 +207,7 @@ class GaussianImagePrior:
             raise ValueError(f"colour_cov is {kappa.shape[0]}x{kappa.shape[0]} for {c} channels")
         s = torch.ones(h, w, dtype=torch.float64) if spatial is None else _f64(spatial)
         s = s / s.mean()
-        return cls(mean, q, kappa[:, None, None] * s[None])
+        return cls(_f64(mean), q, kappa[:, None, None] * s[None])
 
     @classmethod
     def white(cls, shape: Shape3, std: float = 1.0, mean: Tensor | float = 0.0, *,
@@ -243,7 +263,8 @@ class GaussianImagePrior:
         """Coordinates of ``x: (B, C, H, W)`` in the eigenbasis: (B, C, H, W//2+1) complex (unitary rfft2 of
         ``Q^T x``)."""
         xc = torch.einsum("dc,bdhw->bchw", self.colour.to(x.dtype), x)
-        return torch.fft.rfft2(xc, norm="ortho")
+        coeffs: Tensor = torch.fft.rfft2(xc, norm="ortho")
+        return coeffs
 
     def from_eigen(self, coeffs: Tensor) -> Tensor:
         """Inverse of :meth:`to_eigen`: (B, C, H, W//2+1) complex -> (B, C, H, W) real."""
@@ -578,7 +599,7 @@ class LinearGaussianProblem:
     with ``forward``, ``adjoint`` and ``image_shape``); ``None`` is pixel space (module docstring)."""
 
     prior: GaussianImagePrior
-    operator: object
+    operator: LinearMap
     sigma_y: float
     decoder: PatchDecoder | None = None
 
@@ -699,7 +720,8 @@ class LinearGaussianProblem:
         # Hermitian positive semi-definite: keep its nearest one, so that the preconditioner stays SPD
         symbol = 0.5 * (symbol + symbol.mH)
         values, vectors = torch.linalg.eigh(symbol)
-        return (vectors * values.clamp_min(0).to(vectors.dtype)[..., None, :]) @ vectors.mH
+        nearest: Tensor = (vectors * values.clamp_min(0).to(vectors.dtype)[..., None, :]) @ vectors.mH
+        return nearest
 
     def solve(self, rhs: Tensor, *, tol: float = CG_TOL, max_iter: int = CG_MAX_ITER,
               precondition: bool = True) -> tuple[Tensor, SolveInfo]:
@@ -832,10 +854,13 @@ class LinearGaussianProblem:
             t = self._transfer_half()
             return m + prior.from_eigen(prior.to_eigen(residual) * lam * t.conj() / (lam * t.abs().square() + s2))
         kappa, q = prior.colour_eigenvalues, prior.colour
-        if kind == "pixel":
+        op = self.operator
+        if kind == "pixel" and isinstance(op, Inpainting):
             gain = q @ torch.diag(kappa / (kappa + s2)) @ q.T                       # (C, C) at known pixels
-            return m + torch.einsum("dc,bchw->bdhw", gain, residual) * self.operator.mask.to(torch.float64)
-        f = self.operator.factor                                                  # block
+            return m + torch.einsum("dc,bchw->bdhw", gain, residual) * op.mask.to(torch.float64)
+        if not isinstance(op, AvgPoolSR):                                         # block
+            raise TypeError(f"no closed form for {type(op).__name__}")
+        f = op.factor
         gain = q @ torch.diag(kappa / (kappa + f * f * s2)) @ q.T
         w = torch.einsum("dc,bchw->bdhw", gain, residual)
         return m + w.repeat_interleave(f, -2).repeat_interleave(f, -1)
@@ -852,21 +877,29 @@ class LinearGaussianProblem:
             per_eigen = (post * weights).sum((-2, -1)) / (shape[1] * shape[2])
             return (q2 @ per_eigen).view(-1, 1, 1).expand(shape).clone()
         kappa = prior.colour_eigenvalues
-        if kind == "pixel":
+        op = self.operator
+        if kind == "pixel" and isinstance(op, Inpainting):
             known = q2 @ (kappa * s2 / (kappa + s2))
             hole = q2 @ kappa
-            mask = self.operator.mask.to(torch.float64)[0]                             # (1, H, W)
-            return mask * known.view(-1, 1, 1) + (1 - mask) * hole.view(-1, 1, 1)
-        f2 = self.operator.factor ** 2
+            mask = op.mask.to(torch.float64)[0]                                        # (1, H, W)
+            variance: Tensor = mask * known.view(-1, 1, 1) + (1 - mask) * hole.view(-1, 1, 1)
+            return variance
+        if not isinstance(op, AvgPoolSR):                                         # block
+            raise TypeError(f"no closed form for {type(op).__name__}")
+        f2 = op.factor ** 2
         per_eigen = kappa * (1 - 1 / f2) + kappa * s2 / (f2 * s2 + kappa)
         return (q2 @ per_eigen).view(-1, 1, 1).expand(shape).clone()
 
     def _transfer_half(self) -> Tensor:
         """(H, W//2+1) complex transfer function of a circular blur (1 for the identity)."""
         _, h, w = self.code_shape
-        if isinstance(self.operator, Identity):
+        op = self.operator
+        if isinstance(op, Identity):
             return torch.ones(h, w // 2 + 1, dtype=torch.complex128)
-        return self.operator.transfer_function(h, w, dtype=torch.float64)
+        if not isinstance(op, Blur):
+            raise TypeError(f"no transfer function for {type(op).__name__}")
+        transfer: Tensor = op.transfer_function(h, w, dtype=torch.float64)
+        return transfer
 
     # ---- dense ----------------------------------------------------------------------------------------
     def _dense_precision(self, chunk: int = 256) -> tuple[Tensor, int]:

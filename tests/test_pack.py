@@ -120,15 +120,41 @@ def test_lint_type_checks_the_pure_layers_with_pinned_tools():
     assert '["optional-dependencies"]["test"]' in setup, "the set-up reads the test extra from pyproject.toml"
 
 
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+
+
+def _runtime_nodes(tree: ast.AST):
+    """Every node that can execute at run time: the body of ``if TYPE_CHECKING:`` is skipped (its ``else`` is not)."""
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        yield node
+        if isinstance(node, ast.If) and _is_type_checking(node.test):
+            stack += [node.test, *node.orelse]
+        else:
+            stack += list(ast.iter_child_nodes(node))
+
+
 def _absolute_imports(path: Path) -> list[str]:
-    tree = ast.parse(path.read_text())
+    """Absolute imports that run when the module is imported (type-checking-only imports never execute)."""
     names = []
-    for node in ast.walk(tree):
+    for node in _runtime_nodes(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             names += [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             names.append(node.module)
     return names
+
+
+def test_import_scan_sees_runtime_imports_and_skips_type_checking_only_ones(tmp_path):
+    src = tmp_path / "m.py"
+    src.write_text(
+        "import os\nfrom typing import TYPE_CHECKING\n"
+        "if TYPE_CHECKING:\n    from operators import Blur\nelse:\n    from samplers import x\n"
+        "def f():\n    import nodes\n    if typing.TYPE_CHECKING:\n        import flowdps\n")
+    assert sorted(_absolute_imports(src)) == ["nodes", "os", "samplers", "typing"]
 
 
 @pytest.mark.parametrize("package", PACK_DIRS)
