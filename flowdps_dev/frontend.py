@@ -186,7 +186,8 @@ class Frontend:
         return self.request("queue", timeout=timeout + 60, prompt=prompt, timeout_s=timeout,
                             screenshot=str(screenshot) if screenshot else None)
 
-    def screenshot(self, path: str | os.PathLike, *, fit: bool = True) -> dict:
+    def screenshot(self, path: str | os.PathLike, *, fit: bool = False) -> dict:
+        """A screenshot of the page as it is (``fit``: after the editor's fit-view, which changes the zoom)."""
         return self.request("screenshot", path=str(path), fit=fit)
 
     def log_tail(self, n: int = 40) -> str:

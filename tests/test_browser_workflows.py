@@ -9,6 +9,7 @@ from the same route and loaded as a dropped file):
 
 * the pack's cards are titled by their file names, in number order when sorted, each with its picture (no
   404: any console error fails the test);
+* the pack's widgets show their plain-words labels (``locales/en/nodeDefs.json``);
 * the editor opens at the workflow's stored view (``extra.ds``), at 80 % zoom or more, with text drawn (level of
   detail at its default); no two node boxes overlap (the editor's own bounds, title bar and node-source badge
   included); the note, the photo and every node with a setting before Run are on screen and not covered by the
@@ -50,6 +51,7 @@ ARTEFACTS = ROOT / "out" / "browser"
 SCREENS = {"1920x1080": (1920, 1080), "1366x768": (1366, 768)}
 VIEWPORT = SCREENS["1920x1080"]
 MIN_ZOOM = 0.8
+LABELS = json.loads((ROOT / "locales" / "en" / "nodeDefs.json").read_text(encoding="utf-8"))
 MIN_NOTE_PX = 11.0
 DEFAULT_LOD_FONT = 8  # the editor's default "Zoom Node Level of Detail - font size threshold"
 SEARCHES = {
@@ -149,6 +151,11 @@ def view_problems(view: dict, workflow: dict, screen: str) -> list[str]:
     if view["min_font_size_for_lod"] != DEFAULT_LOD_FONT:
         problems.append(f"the level-of-detail setting is {view['min_font_size_for_lod']}, not the default")
     problems += overlaps(view["nodes"])
+    for node in view["nodes"]:  # the editor shows the pack's plain-words labels (input names stay saved as they were)
+        for name, label in node["widgets"].items():
+            wanted = LABELS.get(node["type"], {}).get("inputs", {}).get(name, {}).get("name")
+            if wanted and label != wanted:
+                problems.append(f"{node['title']} ({node['id']}): widget {name} is labelled {label!r}, not {wanted!r}")
     titles = {n["id"]: n["title"] for n in view["nodes"]}
     problems += [f"{titles[k]} ({k}) cannot be seen at {screen}: {v}" for k, v in view["covered"].items()]
     if not view["note"]:
@@ -253,7 +260,7 @@ def test_workflow_opens_readable_and_runs_in_the_frontend(frontend, comfy_server
     def check_view(screen: str) -> None:
         view = frontend.view(required_nodes(workflow))
         findings[screen] = view_problems(view, workflow, screen)
-        frontend.screenshot(ARTEFACTS / f"{path.stem} @{screen}.png")
+        frontend.screenshot(ARTEFACTS / f"{path.stem} @{screen}.png", fit=False)  # as the user sees it
 
     # opened in a small window (a tab of its own: the editor keeps the view's centre when a window is resized),
     # from the same route; then in the test's window, where it runs

@@ -273,7 +273,8 @@ async function view({ required = [] }) {
         box = [Math.min(box[0], n.pos[0] + n.size[0] - width), Math.min(box[1], top), box[2], box[3]];
       }
       return { id: String(n.id), type: n.type, title: n.title, box, screen: toScreen(box), size: [...n.size],
-               badges: badges.map((b) => b.text) };
+               badges: badges.map((b) => b.text),
+               widgets: Object.fromEntries((n.widgets || []).map((w) => [w.name, w.label ?? w.name])) };
     });
     // which required nodes a user cannot see: every sample point must be on the canvas (or a widget of the node
     // drawn over it), inside the window, not under the sidebar, menus, minimap or a dialog
@@ -377,11 +378,18 @@ async function queue({ prompt, screenshot, timeout_s = 300 }) {
   const seconds = (Date.now() - t) / 1000;
   if (!entry) return { queued: true, prompt_id: id, node_errors: queued.node_errors, finished: false, seconds, ...takeEvents() };
   // the editor shows each SaveImage / PreviewImage result on its node once the `executed` message arrived
-  const shown = await page.waitForFunction((outputs) => {
+  // (the editor loads a node's images when it draws the node: results beyond the screen's edge need the user to
+  // look there, so when they do not show at the opened view, the view is fitted to the whole graph once)
+  const outputIds = Object.keys(entry.outputs || {}).filter((k) => entry.outputs[k].images?.length);
+  const imagesShown = (timeout) => page.waitForFunction((outputs) => {
     const nodes = window.app.graph.nodes.filter((n) => outputs.includes(String(n.id)));
     return nodes.every((n) => n.imgs?.length > 0) ? nodes.map((n) => String(n.id)) : false;
-  }, Object.keys(entry.outputs || {}).filter((k) => entry.outputs[k].images?.length), { timeout: 30000 })
-    .then((h) => h.jsonValue()).catch(() => null);
+  }, outputIds, { timeout }).then((h) => h.jsonValue()).catch(() => null);
+  let shown = await imagesShown(10000);
+  if (!shown) {
+    await page.evaluate(() => window.app.extensionManager.command.execute('Comfy.Canvas.FitView'));
+    shown = await imagesShown(30000);
+  }
   await settle();
   if (screenshot) {
     fs.mkdirSync(path.dirname(screenshot), { recursive: true });
