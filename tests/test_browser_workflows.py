@@ -37,7 +37,7 @@ import pytest
 from flowdps_dev import frontend as fe_mod
 from flowdps_dev import make_workflows
 from flowdps_dev.comfy_env import PACK_FOLDER
-from flowdps_dev.graphs import TINY_CHECKPOINT
+from flowdps_dev.graphs import TINY_CHECKPOINT, TINY_FLUX_VAE
 from flowdps_dev.workflow_convert import ui_to_api
 from flowdps_dev.workflow_fixtures import expected_images, family_of, of_type
 
@@ -249,6 +249,23 @@ def test_a_flux_cfg_warning_is_shown_on_the_restore_node(frontend, comfy_server)
     text = run.queued["node_texts"].get(restore, "")
     assert "guidance-distilled: CFG 2 runs a second" in text, run.queued["node_texts"]
     assert "\u26a0 Flux.1" in text, text  # shown as a warning
+
+
+def test_a_vae_of_another_family_is_a_warning_on_the_restore_node(frontend, comfy_server):
+    """The first workflow with Flux's VAE instead of SD3's: it still runs, and the restore node warns, in the
+    editor, that the colours will be wrong."""
+
+    def flux_vae(prompt: dict) -> None:
+        prompt["flowdps_test_vae"] = {"class_type": "VAELoader", "inputs": {"vae_name": TINY_FLUX_VAE}}
+        for node_id in of_type(prompt, "FlowDPSRestore"):
+            prompt[node_id]["inputs"]["vae"] = ["flowdps_test_vae", 0]
+
+    run = fe_mod.run_workflow(frontend, comfy_server, FIRST, template_module=PACK_FOLDER, prepare=flux_vae)
+    assert not run.problems(), run.problems()
+    restore = of_type(run.run_prompt, "FlowDPSRestore")[0]
+    text = run.queued["node_texts"].get(restore, "")
+    assert "another model family's VAE, which gives wrong colours" in text, run.queued["node_texts"]
+    assert "\u26a0" in text, text
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=[label(p) for p in WORKFLOWS])
