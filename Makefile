@@ -21,7 +21,7 @@ lint: setup
 test: setup lint
 	source $(CACHE)/env.sh && FLOWDPS_REQUIRE_COMFY=1 $(PY) -m pytest $(PYTEST_ARGS)
 
-# FlowDPS SR x4 of a real photo through workflows/flowdps_sd3_superres_x4.json (tiny random models unless
+# FlowDPS SR x4 of a real photo through "example_workflows/1 - Upscale a photo 4x (SD3).json" (tiny random models unless
 # DEMO_ARGS="--ckpt /path/to/sd3_medium_incl_clips.safetensors"); writes out/demo/. Options: --help.
 demo: setup
 	source $(CACHE)/env.sh && $(PY) flowdps_dev/demo.py $(DEMO_ARGS)

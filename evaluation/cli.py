@@ -26,7 +26,7 @@ from .runner import EvalConfig, run
 from .workflow import WorkflowError
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_WORKFLOW = ROOT / "workflows" / "flowdps_sd3_superres_x4.json"
+DEFAULT_WORKFLOW = ROOT / "example_workflows" / "1 - Upscale a photo 4x (SD3).json"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -1,4 +1,4 @@
-"""The paper's evaluation protocol (flowdps.md §4) as a frozen config, and the ground-truth preparation."""
+"""The paper's evaluation protocol (FlowDPS paper, Section 4) as a frozen config, and the ground-truth preparation."""
 
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ Output folder layout (``out``)::
     records/<key>.json           one finished image: metrics, server, prompt id, seconds (resume skips these)
     images/<key>/ground_truth.png, images/<key>/restored.png
     results.csv, results.json    every finished image of this fingerprint
-    summary.json, summary.md     means, the table row in the format of flowdps.md §4
+    summary.json, summary.md     means, the table row in the format of the paper's tables
 
 Images go through a shared queue with one worker thread per server; each worker uploads the prepared ground
 truth to its server, queues the evaluation prompt on that server's own queue, waits for it and scores the

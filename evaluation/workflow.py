@@ -23,7 +23,7 @@ from .protocol import Protocol
 RESTORE_NODES = ("FlowDPSRestore", "AFDPSRestore")
 SIMULATE_NODE = "FlowDPSSimulateMeasurement"
 SIMULATE_ID = "flowdps_eval_measurement"
-TASK_NAMES = {  # operator node -> task label of flowdps.md §4 ({factor} from the node's inputs)
+TASK_NAMES = {  # operator node -> task label of the paper's tables ({factor} from the node's inputs)
     "FlowDPSOperatorSRBicubic": "SR x{factor} bicubic",
     "FlowDPSOperatorSRAvgPool": "SR x{factor} avg-pool",
     "FlowDPSOperatorGaussianBlur": "Gaussian deblur",

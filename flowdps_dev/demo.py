@@ -3,7 +3,7 @@
 What it does, in order (each stage is timed)::
 
     setup         ComfyUI imported in this process with the pack (flowdps_dev.comfy_env);
-                  workflows/flowdps_sd3_superres_x4.json converted to an API prompt (ui_to_api with the real
+                  "example_workflows/1 - Upscale a photo 4x (SD3).json" converted to an API prompt (ui_to_api with the real
                   node info) with the checkpoint, measurement file, factor, seed and steps substituted
     measurement   a CC0 photo that ships in the scikit-image wheel (no download) -> centre crop -> 256x256
                   ground truth -> bicubic SR x4 (the pack's BicubicSR) + seeded Gaussian noise (sigma_y 0.015
@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-WORKFLOW = ROOT / "workflows" / "flowdps_sd3_superres_x4.json"
+WORKFLOW = ROOT / "example_workflows" / "1 - Upscale a photo 4x (SD3).json"
 DEFAULT_OUT = Path("out") / "demo"
 TASKS = {"sr4": 4, "sr8": 8, "sr12": 12}
 DEFAULT_SIZE = 256
@@ -318,7 +318,8 @@ def register_checkpoint(checkpoint: Checkpoint) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="make demo DEMO_ARGS=...",
-        description="FlowDPS super-resolution of a real photograph through workflows/flowdps_sd3_superres_x4.json "
+        description="FlowDPS super-resolution of a real photograph through the first shipped workflow "
+                    "(example_workflows/1 - Upscale a photo 4x (SD3).json) "
                     "in an in-process ComfyUI. Without --ckpt/--models it uses the tiny random-weight models "
                     "of `make setup` (the result then only proves the wiring).",
     )

@@ -6,8 +6,13 @@ workflow through ``app.loadGraphData`` and get back the frontend's own ``app.gra
 missing node types, open dialogs and console errors), then ``queue`` an API prompt through the frontend's
 client (``api.queuePrompt``) and wait for ``/history``, with a screenshot of the editor.
 
+``open_template`` clicks through the template browser as a user does; ``view`` reports the editor's view (zoom,
+level of detail, every node's box as the editor draws it, which nodes a user cannot see); ``search`` types into
+the node search box.
+
 ``python -m flowdps_dev.frontend`` regenerates the README's screenshot (``docs/workflow_superres.png``): the
-shipped SR x4 workflow in the editor after a 1-step run on the tiny models.
+first workflow, opened from the template browser at its stored view with the editor's default settings, after a
+1-step run on the tiny models.
 """
 
 from __future__ import annotations
@@ -29,15 +34,11 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "flowdps_dev" / "browser" / "run_workflows.mjs"
 DEFAULT_CHROMIUM = "/usr/bin/chromium"
-# The server's user settings for the test: the templates browser covers the editor on a first start until the
-# tutorial counts as done; the rest makes screenshots readable (full node detail at any zoom, no minimap, no
-# fps overlay, open workflows listed in the sidebar instead of one tab each).
+# The server's user settings for the test: only that the first-start tutorial counts as done (otherwise the
+# template browser covers the editor on the first page load). Everything else is the editor's default, as a new
+# user has it: the level of detail (no text below about 57 % zoom), the minimap, one tab per workflow.
 TEST_SETTINGS = {
     "Comfy.TutorialCompleted": True,
-    "LiteGraph.Canvas.MinFontSizeForLOD": 0,
-    "Comfy.Minimap.Visible": False,
-    "Comfy.Graph.CanvasInfo": False,
-    "Comfy.Workflow.WorkflowTabsPosition": "Sidebar",
 }
 
 
@@ -82,7 +83,7 @@ def seed_user_settings(user_dir: Path, settings: dict[str, Any] | None = None) -
 
 
 def write_placeholder_photos(input_dir: Path, workflows: list[Path], rgb: Any = None) -> list[str]:
-    """Write the photo files the shipped LoadImage nodes name (``measurement.png``, ...) into the server's
+    """Write the photo files the shipped LoadImage nodes name (``photo.png``, ...) into the server's
     input folder, as a user would have, so that the editor's image previews load (without them each preview
     is a console 404). ``rgb`` is an (H, W, 3) uint8 array; default a 64 px gradient."""
     import numpy as np
@@ -154,8 +155,27 @@ class Frontend:
         With ``template_module`` (the pack's folder in custom_nodes) the page fetches ``<name>`` from the
         server's template route and loads that, as the template browser does."""
         if template_module:
-            return self.request("load", name=name, template={"module": template_module, "name": Path(name).stem})
+            return self.request("load", name=Path(name).name,
+                                template={"module": template_module, "name": Path(name).with_suffix("").as_posix()})
         return self.request("load", workflow=workflow, name=name)
+
+    def open_template(self, module: str, name: str, *, timeout: float = 120.0) -> dict:
+        """Open workflow ``name`` of pack folder ``module`` by clicking through the template browser; returns the
+        pack's cards (names, texts, whether each picture loaded) and what :meth:`load` reports."""
+        return self.request("open_template", timeout=timeout, module=module, name=name)
+
+    def view(self, required: list[str] | None = None) -> dict:
+        """The editor's view: scale, offset, level of detail, node boxes (title and badge included), the
+        ``required`` node ids a user cannot see (``covered``) and the note's on-screen font sizes."""
+        return self.request("view", required=list(required or []))
+
+    def screen(self, width: int, height: int) -> dict:
+        """Act in a tab whose window is ``width`` x ``height`` from now on (opened with the app on first use)."""
+        return self.request("screen", timeout=180, width=width, height=height)
+
+    def search(self, query: str) -> list[str]:
+        """The node search box's results for ``query`` (each as the row's text)."""
+        return self.request("search", query=query)["results"]
 
     def templates(self) -> dict[str, list[str]]:
         """The template browser's custom-node workflows: ``{pack folder: [names]}``."""
@@ -166,7 +186,8 @@ class Frontend:
         return self.request("queue", timeout=timeout + 60, prompt=prompt, timeout_s=timeout,
                             screenshot=str(screenshot) if screenshot else None)
 
-    def screenshot(self, path: str | os.PathLike, *, fit: bool = True) -> dict:
+    def screenshot(self, path: str | os.PathLike, *, fit: bool = False) -> dict:
+        """A screenshot of the page as it is (``fit``: after the editor's fit-view, which changes the zoom)."""
         return self.request("screenshot", path=str(path), fit=fit)
 
     def log_tail(self, n: int = 40) -> str:
@@ -254,17 +275,30 @@ def _image_sizes(server, outputs: dict) -> dict[str, list[tuple[int, int]]]:
 
 
 def run_workflow(fe: Frontend, server, path: Path, *, screenshot: Path | None = None, timeout: float = 600.0,
-                 template_module: str | None = None, prepare: Callable[[dict], None] | None = None) -> BrowserRun:
-    """Load ``path`` in the editor (from the server's template route with ``template_module``), take the
-    frontend's prompt, substitute the tiny models and a test image
-    (:func:`flowdps_dev.workflow_fixtures.tiny_run_prompt`; then ``prepare(prompt)`` if given), queue it from
-    the page and collect the images."""
+                 template_module: str | None = None, prepare: Callable[[dict], None] | None = None,
+                 from_dialog: bool = False, before_run: Callable[[BrowserRun], None] | None = None) -> BrowserRun:
+    """Open ``path`` in the editor and run it: by clicking its card in the template browser (``from_dialog``),
+    or fetched from the server's template route (``template_module``, with ``path.name`` relative to it, e.g.
+    ``more/x.json``) and loaded as a dropped file is, or loaded from disk. Then ``before_run(run)`` (checks of the
+    opened view), the frontend's prompt with the tiny models and a test image substituted
+    (:func:`flowdps_dev.workflow_fixtures.tiny_run_prompt`; then ``prepare(prompt)`` if given), queued from the
+    page, and its images collected."""
     from .workflow_fixtures import tiny_run_prompt
 
     t0 = time.monotonic()
-    workflow = None if template_module else json.loads(path.read_text(encoding="utf-8"))
-    run = BrowserRun(path.stem, fe.load(workflow, path.name, template_module=template_module))
+    if from_dialog:
+        assert template_module, "the template browser needs the pack's folder name"
+        loaded = fe.open_template(template_module, path.stem)
+    elif template_module:  # the file as the server's template route serves it (sub-folders included)
+        folder = ROOT / "example_workflows"
+        relative = path.resolve().relative_to(folder) if path.resolve().is_relative_to(folder) else Path(path.name)
+        loaded = fe.load(None, relative.as_posix(), template_module=template_module)
+    else:
+        loaded = fe.load(json.loads(path.read_text(encoding="utf-8")), path.name)
+    run = BrowserRun(path.stem, loaded)
     run.seconds["load"] = round(time.monotonic() - t0, 2)
+    if before_run is not None:
+        before_run(run)
     if run.loaded.get("missing_types") or not run.prompt:
         return run
     run.run_prompt = tiny_run_prompt(server.work_dir / "input", run.prompt)
@@ -285,15 +319,16 @@ def main(argv: list[str] | None = None) -> int:
     from PIL import Image
 
     from . import demo
+    from .comfy_env import PACK_FOLDER
     from .server import ComfyServer
     from .workflow_fixtures import loaded_image_side, of_type
 
     parser = argparse.ArgumentParser(description="Regenerate the README's screenshot of a workflow in the "
                                      "ComfyUI editor, after a 1-step run on the tiny random models.")
-    parser.add_argument("--workflow", default=str(ROOT / "workflows" / "flowdps_sd3_superres_x4.json"))
+    parser.add_argument("--workflow", default=str(ROOT / "example_workflows" / "1 - Upscale a photo 4x (SD3).json"))
     parser.add_argument("--out", default=str(ROOT / "docs" / "workflow_superres.png"))
     parser.add_argument("--work-dir", default=str(ROOT / "out" / "browser" / "screenshot_server"))
-    parser.add_argument("--size", default="1600x1000", help="viewport WIDTHxHEIGHT (default 1600x1000)")
+    parser.add_argument("--size", default="1366x768", help="viewport WIDTHxHEIGHT (default 1366x768)")
     parser.add_argument("--photo", choices=list(demo.PHOTOS), default="chelsea",
                         help="scikit-image photograph used as the user's photo (default chelsea, CC0)")
     args = parser.parse_args(argv)
@@ -315,7 +350,8 @@ def main(argv: list[str] | None = None) -> int:
         seed_user_settings(server.work_dir / "user")
         write_placeholder_photos(server.work_dir / "input", [workflow], demo.ground_truth(photo, 256))
         with Frontend(server.url, log_path=work_dir / "browser.log", viewport=(width, height)) as fe:
-            run = run_workflow(fe, server, workflow, screenshot=Path(args.out), prepare=user_photo)
+            run = run_workflow(fe, server, workflow, screenshot=Path(args.out), prepare=user_photo,
+                               template_module=PACK_FOLDER, from_dialog=workflow.parent.name != "more")
     for problem in run.problems():
         print("problem:", problem)
     print(json.dumps({"screenshot": args.out, "bytes": Path(args.out).stat().st_size if Path(args.out).exists()

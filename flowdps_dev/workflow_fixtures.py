@@ -1,6 +1,6 @@
 """What the workflow tests put in place of a user's files, shared by the headless and the browser tests.
 
-A shipped workflow names the canonical SD3 checkpoint and a photo the user picks (``measurement.png``). For
+A shipped workflow names the canonical SD3 checkpoint and a photo the user picks (``photo.png``). For
 test runs, :func:`substituted` swaps in the tiny checkpoint and writes a synthetic measurement of the right
 size (and alpha mask, for mask inpainting) into ComfyUI's input folder; :func:`tiny_run_prompt` also makes
 the run cheap: 1 step, 64 px, small blur kernels, 2 particles. Both work on API prompts, whichever

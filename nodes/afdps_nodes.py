@@ -1,7 +1,8 @@
 """AFDPS nodes: the ensemble (twisted-SMC) posterior sampler as a SAMPLER and as an all-in-one Restore node.
 
-AFDPS (samplers/afdps.py, afdps.md) moves ``P`` weighted particles per image. ComfyUI's KSAMPLER functions see
-one latent per image, so the bridge is a ``comfy.samplers.Sampler`` subclass (comfyui.md §g.6): for every batch
+AFDPS (samplers/afdps.py) moves ``P`` weighted particles per image. ComfyUI's KSAMPLER functions
+see one latent per image, so the bridge is a ``comfy.samplers.Sampler`` subclass (a KSAMPLER function cannot
+change the batch it is given): for every batch
 item it builds ``P`` particles, runs :func:`~..samplers.sample_afdps` with ComfyUI's guider as the denoiser
 (all particles in one batched model call per step, CFG included) and returns one latent per batch item, so the
 batch size of the output is the input's.
@@ -48,41 +49,46 @@ from .common import (
 )
 from .convert import pixels_to_image
 from .inputs import check_links, inputs_named
+from .padding import crop_image
 
 logger = logging.getLogger(__name__)
 
-RESTORE_NAME = "AFDPS Restore"  # the Restore node's display name, which its messages and log lines start with
+RESTORE_NAME = "AFDPS Restore"  # the Restore node's messages and log lines start with it
+RESTORE_DISPLAY_NAME = "Restore with uncertainty (AFDPS)"  # what the editor shows and its search finds
 OUTPUTS = ("best", "mean", "sample")
 AFDPS_VARIANTS = ("sde", "ode")
-VARIANT_TOOLTIP = ("sde: guided Euler-Maruyama moves with exact (W2) weights and the 'tweedie' potential (recommended). "
-                   "ode: probability-flow predictor + one Langevin corrector step per level with the latent 'noised' "
-                   "potential (afdps.md §2.5-2.6): exact gradient from the decoder alone, 2 model calls a step, more "
-                   "weight variance.")
+VARIANT_TOOLTIP = ("Keep 'sde' (recommended). 'ode' takes twice the time and its weights vary more. ('sde': guided "
+                   "Euler-Maruyama moves with exact weights and the 'tweedie' potential; 'ode': probability-flow "
+                   "predictor and one Langevin corrector step per level with the latent 'noised' potential, whose "
+                   "gradient comes from the decoder alone.)")
 DEFAULTS = AFDPSConfig()
 CONFIG_INPUTS = {"eta_v": "eta", "resample_threshold": "ess_threshold"}
 """AFDPSConfig field -> the node input that feeds it, where the names differ (kappa, chunk_size, variant and
 kappa_clip keep theirs; chunk_size and kappa_clip 0 become None, checked by the node first)."""
 MAX_WEIGHTS_SHOWN = 16  # final weights listed in the report / log line
 
-SIGMA_Y_TOOLTIP = ("Measurement noise std on the [0, 1] image scale (the likelihood's sigma_y; converted x2 to the "
-                   "[-1, 1] scale). Smaller trusts the measurement more; a very large value switches the data "
-                   "term off (the prior alone).")
-PARTICLES_TOOLTIP = "Particles per image (afdps.md recommends >= 8 for SD3 at 768 px). Cost grows linearly."
-ETA_TOOLTIP = "eta_v in the SDE noise level V^2 = 2 eta_v s (afdps.md: 1). 0 is a deterministic move."
-ESS_TOOLTIP = ("Resample when the effective sample size drops below this fraction of the particles (afdps.md: "
-               "0.5; 1 resamples at every step, 0 never). Never after the last step.")
-KAPPA_TOOLTIP = ("Guidance factor kappa of the proposal drift (paper: 1). Any value keeps the weights exact; "
-                 "kappa_clip lowers it where a small sigma_y would make the guided move overshoot (stiffness, "
-                 "afdps.md §5 item 7); 0 is unguided importance sampling.")
+SIGMA_Y_TOOLTIP = ("How noisy your photo is, on the 0-1 pixel scale (0.015 = slight noise). Smaller trusts the "
+                   "photo more; a very large value ignores it (the model alone). (The likelihood's sigma_y, x2 on "
+                   "the [-1, 1] scale.)")
+PARTICLES_TOOLTIP = ("How many restorations are made side by side and compared (8 or more at 768 px). Time and "
+                     "memory grow with it.")
+ETA_TOOLTIP = ("How much fresh randomness each step adds (1 recommended; 0 = none). (eta_v of the SDE noise "
+               "level V^2 = 2 eta_v s.)")
+ESS_TOOLTIP = ("When the weight concentrates on few particles, the weak ones are replaced by copies of the strong "
+               "ones: this is the fraction below which that happens (1 = every step, 0 = never). "
+               "(Resampling threshold on the effective sample size; never after the last step.)")
+KAPPA_TOOLTIP = ("How strongly each move is pulled towards your photo (paper: 1; 0 = not at all, the weights alone "
+                 "fit it). The weights stay exact for any value. (Guidance factor kappa of the proposal drift; "
+                 "kappa_clip lowers it where the move would overshoot.)")
 KAPPA_CLIP = 0.5  # measured on the tiny models (SR x2, kappa 1): residual ratio 0.90 clipped vs 1.02 unclipped
-KAPPA_CLIP_TOOLTIP = ("Stiffness clip c (SDE only): each step uses min(kappa, c / (dt V^2 L)), L the estimated "
-                      "Lipschitz constant of the guidance, so the guided move never overshoots; the weights stay "
-                      "exact (afdps.md §2.5). 0: off (the paper's unclipped guidance, which overshoots when sigma_y is "
-                      "small). Costs about 24 decoder passes once per image to estimate L.")
+KAPPA_CLIP_TOOLTIP = ("Keeps the pull towards the photo from overshooting when the photo is trusted a lot (small "
+                      "sigma_y); 0.5 recommended, 0 = off (the paper's unclipped guidance). Costs about 24 decoder "
+                      "passes once per photo. (Stiffness clip c, SDE only: each step uses min(kappa, c / (dt V^2 L)), "
+                      "L the estimated Lipschitz constant of the guidance; the weights stay exact.)")
 IMAGE_ESS_THRESHOLD = 0.0
 """The nodes' ESS threshold: never resample. On images the weights collapse onto one particle within the first
 steps at any affordable P, and resampling then clones it: the spread (the uncertainty map) fell to 2-19 % of the
-exact posterior std, against 0.95-1.06 without resampling (benchmarks/results/posterior_quality.md, 256 px, P 8).
+exact posterior std, against 0.95-1.17 without resampling (benchmarks/results/posterior_quality.md, 256 px, P 8).
 ``AFDPSConfig.resample_threshold`` keeps the SMC setting 0.5 for low-dimensional problems."""
 ESS_DEFAULT_NOTE = (" Default 0 here (the Python AFDPSConfig default is 0.5): on images the weights collapse to one "
                     "particle at any affordable P and resampling only clones it, which makes the uncertainty map "
@@ -91,8 +97,9 @@ KAPPA_CLIP_DEFAULT_NOTE = " Default 0.5 here (the Python AFDPSConfig default is 
 UNCERTAINTY_FULL_SCALE = 0.25
 """Std on the [0, 1] image scale shown as the brightest colour of the uncertainty heat map (an absolute scale,
 the same for every run: 0.25 is about the std of a pixel uniform on [0, 1], i.e. nothing known)."""
-CHUNK_TOOLTIP = ("Particles per decoder forward + backward (the memory hog at SD3 resolutions; afdps.md: 1-4). "
-                 "0: all particles at once.")
+CHUNK_TOOLTIP = ("Lower it if you run out of GPU memory (1-4 at 768 px): how many particles go through the VAE "
+                 "decoder at once, the most memory-hungry part. 0 = all at once. A chunk that runs out of memory is "
+                 "retried smaller by itself.")
 
 
 def ensemble_inputs() -> list:
@@ -176,7 +183,7 @@ class AFDPSEnsembleSampler(comfy.samplers.Sampler):
         if denoise_mask is not None:
             raise ValueError("AFDPS does not use a latent noise_mask: remove it from the latent and describe the "
                              "missing region with an inpainting operator instead")
-        self.problem.check_fits(noise.shape)
+        problem = self.problem.fit_to(noise.shape)
         if latent_image is None:
             latent_image = torch.zeros_like(noise)
         sampling = base.model_sampling
@@ -187,8 +194,8 @@ class AFDPSEnsembleSampler(comfy.samplers.Sampler):
 
         self.results = []
         outputs = []
-        with decoder_copy(self.problem.vae, flow, device) as decoder:
-            op, y_all = self.problem.on(device)
+        with decoder_copy(problem.vae, flow, device) as decoder:
+            op, y_all = problem.on(device)
             for item in range(noise.shape[0]):
                 y = y_all[item if y_all.shape[0] > 1 else 0][None]
                 generator = sampler_generator(run_seed(extra_args), device, stream=item)
@@ -196,7 +203,7 @@ class AFDPSEnsembleSampler(comfy.samplers.Sampler):
                                     dtype=noise.dtype)
                 extra = sampling.noise_scaling(sigmas[0], extra, latent_image[item:item + 1].expand_as(extra))
                 z = torch.cat([start[item:item + 1], extra])
-                result = sample_afdps(denoise, z, sigmas, forward=op.forward, y=y, sigma_y=self.problem.sigma_y,
+                result = sample_afdps(denoise, z, sigmas, forward=op.forward, y=y, sigma_y=problem.sigma_y,
                                       decode=decoder, config=self.config, generator=generator,
                                       callback=_preview_callback(callback, steps))
                 logger.info("AFDPS item %d: %s", item, ensemble_summary(result))
@@ -317,7 +324,7 @@ class AFDPSSampler(io.ComfyNode):
             display_name="AFDPS Sampler",
             category=CATEGORY_SAMPLERS,
             description=(
-                "AFDPS ensemble posterior sampler (arXiv 2506.03979, rectified-flow form of afdps.md) for "
+                "AFDPS ensemble posterior sampler (arXiv 2506.03979, in rectified-flow form) for "
                 "SamplerCustomAdvanced: every image gets its own P weighted particles, moved by a guided SDE with "
                 "exact twisted-SMC weights (resampled when the ESS drops below ess_threshold; default 0: never). "
                 "Each output batch item is the best particle, the weighted mean latent or one weighted draw. Use a "
@@ -358,21 +365,21 @@ class AFDPSRestore(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="AFDPSRestore",
-            display_name=RESTORE_NAME,
+            display_name=RESTORE_DISPLAY_NAME,
             category=CATEGORY_ROOT,
             description=(
-                "Restores a degraded photo (super-resolution, deblurring, inpainting) with a rectified-flow model "
-                "(SD3, SD3.5, Flux; shift and CFG 0 pick the family's defaults) by AFDPS ensemble posterior "
-                "sampling (arXiv 2506.03979): P weighted particles per photo. Outputs the "
-                "best particle, the weighted mean, all particles (best first), the per-pixel posterior spread "
-                "(heat map and mask) and a text report. The output size follows from the operator and the "
-                "measurement and must be a multiple of 16 pixels (otherwise the measurement is cropped)."
+                "Restores a degraded photo (upscaling, deblurring, inpainting) like FlowDPS Restore, but makes "
+                "several restorations at once (particles) and weighs them, so you also see where they disagree: "
+                "the best one, their weighted mean, all of them (best first), a heat map and MASK of the "
+                "uncertain areas (faces, text, large holes) and a text report. SD3, SD3.5 or Flux (cfg and shift "
+                "0 pick the model's own). The result's size follows from the photo and the operator. (AFDPS "
+                "ensemble posterior sampling, arXiv 2506.03979.)"
             ),
             inputs=[
                 *restore_inputs(),
                 io.Int.Input("particles", default=8, min=1, max=256, tooltip=PARTICLES_TOOLTIP),
-                io.Int.Input("steps", default=28, min=1, max=1000, tooltip="Sampling steps."),
-                *cfg_shift_inputs(cfg_note=" afdps.md: 1-2; 1 keeps the weights exact."),
+                io.Int.Input("steps", default=28, min=1, max=1000, tooltip="Sampling steps (28 recommended)."),
+                *cfg_shift_inputs(cfg_note=" For AFDPS 1-2; 1 keeps the weights exact."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                              tooltip="Seed of the particles' noise, the SDE noise and the resampling."),
                 *ensemble_inputs(),
@@ -414,7 +421,8 @@ class AFDPSRestore(io.ComfyNode):
         run = restore(RESTORE_NAME, model, positive, negative, problem, RestoreRun(seed, steps, cfg, shift, scheduler),
                       sampler)
         results, run.sampler.results = run.sampler.results, []
-        images, residuals = ensemble_outputs(results, run.problem.measurement, operator)
+        images, residuals = ensemble_outputs(results, run.problem.measurement, run.problem.operator)
+        images = [crop_image(image, run.size) for image in images] if run.size else images
         show_uncertainty_state(results)
         report = restore_report(results, residuals, particles=int(particles), steps=steps, sigma_y=sigma_y)
         return io.NodeOutput(*images, report)

@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple, TypeVar
@@ -49,6 +48,7 @@ from ..samplers import (
 from ..samplers.data_term import check_norm
 from ..samplers.schedules import flowdps_times
 from ..samplers.types import Denoiser
+from . import messages, padding
 from .common import FLOWDPS_SCHEDULER, RESIDUALS, SCHEDULERS
 from .convert import measurement_pixels, pixel_sigma
 from .decoder import GradDecoder, GradEncoder, clone_for_grad, module_bytes
@@ -59,8 +59,7 @@ logger = logging.getLogger(__name__)
 
 SEED_MODULUS = 2**64
 SEED_STRIDE = 0x9E3779B97F4A7C15  # odd 64-bit constant: distinct, well-spread seeds per stream
-MAX_CROP = 64  # largest crop of the measurement (pixels per side) tried by fit_measurement
-SD3_MULTIPLE = 16  # SD3 latents are 1/8 of the image and patchified by 2: image sides must be multiples of 16
+SD3_MULTIPLE = padding.MULTIPLE  # SD3 latents are 1/8 of the image and patchified by 2: sides are multiples of 16
 INFERENCE_ERROR = "Inference tensors cannot be saved for backward"
 
 Copy = TypeVar("Copy")
@@ -184,7 +183,8 @@ class RestorationProblem:
         image_shape = self.image_shape(latent_shape)
         y = self.measurement
         decodes = f"the latent {tuple(latent_shape)} decodes to {image_shape[3]}x{image_shape[2]} pixels (W x H)"
-        advice = "set the latent size to match the operator and the measurement"
+        advice = ("set the latent size to match: the 'Latent for measurement' node makes it from the photo and the "
+                  "operator")
         try:
             expected = tuple(self.operator.output_shape(image_shape))
         except ValueError as e:
@@ -194,6 +194,27 @@ class RestorationProblem:
         if tuple(y.shape[1:]) != expected[1:]:
             raise ValueError(f"{decodes}; the operator maps that to {expected[3]}x{expected[2]}, but the "
                              f"measurement is {y.shape[3]}x{y.shape[2]}: {advice}")
+
+    def padded(self, plan: padding.Padding) -> RestorationProblem:
+        """This problem for the padded image of ``plan`` (:mod:`.padding`): the measurement mirrored, a mask padded
+        with unknown pixels."""
+        if not plan.needed:
+            return self
+        return dataclasses.replace(self, operator=padding.pad_operator(self.operator, plan),
+                                   measurement=padding.pad_measurement(self.measurement, plan))
+
+    def fit_to(self, latent_shape: torch.Size) -> RestorationProblem:
+        """This problem for a latent of ``latent_shape``: itself when the latent decodes to the measurement's image,
+        padded when it decodes to the padded size (:func:`padding.plan`, what 'Latent for measurement' makes);
+        otherwise ValueError (:meth:`check_fits`)."""
+        try:
+            plan = padding.plan(self.operator, tuple(self.measurement.shape))
+        except ValueError:
+            plan = None
+        if plan is not None and plan.needed and tuple(self.image_shape(latent_shape)[2:]) == plan.padded_image:
+            return self.padded(plan)
+        self.check_fits(latent_shape)
+        return self
 
     def on(self, device: torch.device) -> tuple[LinearOperator, torch.Tensor]:
         """Private float32 copies on ``device`` of the operator (plain tensors, safe in a gradient) and of the
@@ -208,10 +229,9 @@ def projection(operator: LinearOperator, residual: str) -> Callable[[torch.Tenso
     blur) runs conjugate gradients inside every gradient step: that is logged, it costs hundreds of adjoints."""
     space = operator.auto_residual if residual == "auto" else residual
     if space == "pinv" and not operator.closed_form_pinv:
-        logger.warning("residual 'pinv' on %s: no closed-form pseudo-inverse, so every gradient step runs and "
-                       "differentiates conjugate gradients (up to %d iterations; measured 400x the adjoint's cost "
-                       "for a blur then SR x2 at 128 px): 'auto' or 'adjoint' is much faster",
-                       operator.describe(), CG_MAX_ITER)
+        messages.warn("residual 'pinv'", f"{operator.describe()} has no closed-form pseudo-inverse, so every gradient "
+                      f"step runs and differentiates conjugate gradients (up to {CG_MAX_ITER} iterations; measured "
+                      "400x the adjoint's cost for a blur then SR x2 at 128 px): 'auto' or 'adjoint' is much faster")
     return {"pinv": operator.pinv, "adjoint": operator.adjoint, "measurement": None}[space]
 
 
@@ -223,26 +243,10 @@ def _identity(x: torch.Tensor) -> torch.Tensor:
 
 
 def show_on_node(text: str) -> bool:
-    """Show ``text`` on the node being executed, in the frontend (ComfyUI's
-    ``PromptServer.instance.send_progress_text(text, node_id)``, as ``GetImageSize`` does). Only where a server
-    runs: the ``server`` module already imported by ComfyUI's ``main.py`` with its instance set, and a node
-    executing (``comfy_execution.utils.get_executing_context``). Returns whether the text was sent; without a
-    server (tests, scripts) it does nothing. Never raises: a failed display must not fail the run."""
-    server = sys.modules.get("server")
-    instance = getattr(getattr(server, "PromptServer", None), "instance", None)
-    if instance is None:
-        return False
-    try:
-        from comfy_execution.utils import get_executing_context
-
-        context = get_executing_context()
-        if context is None:
-            return False
-        instance.send_progress_text(text, context.node_id)
-    except Exception:  # display only: the outputs and the report carry the same text
-        logger.warning("could not show the text on the node", exc_info=True)
-        return False
-    return True
+    """Show ``text`` on the node being executed, in the frontend, together with the node's other messages of
+    this run (:func:`.messages.show`: ComfyUI's ``send_progress_text``). Returns whether it was sent; without a
+    server or outside a node it does nothing, and it never raises."""
+    return messages.show(text)
 
 
 def make_room(nbytes: int, device: torch.device, keep: Any = None) -> None:
@@ -297,32 +301,14 @@ def restore_sigmas(model_sampling: Any, scheduler: str, steps: int) -> torch.Ten
     return comfy.samplers.calculate_sigmas(model_sampling, scheduler, steps)
 
 
-def fit_measurement(operator: LinearOperator, measurement: torch.Tensor,
-                    node: str) -> tuple[torch.Tensor, tuple[int, ...]]:
-    """Crop the measurement (bottom/right) until the image it implies has sides that are multiples of 16.
-
-    measurement: (B, C, h, w); node: the display name that the crop warning starts with. Returns the (possibly
-    cropped) measurement and the image shape (B, 3, H, W).
-    Raises ValueError when no crop works (for example a mask operator of a fixed, unsuitable size).
-    """
-    b, c, h, w = measurement.shape
-    error: ValueError | None = None
-    for dh in range(min(h, MAX_CROP + 1)):
-        for dw in range(min(w, MAX_CROP + 1)):
-            try:
-                shape = tuple(operator.input_shape((b, c, h - dh, w - dw)))
-            except ValueError as e:
-                error = error or e
-                continue
-            if shape[2] % SD3_MULTIPLE or shape[3] % SD3_MULTIPLE:
-                continue
-            if dh or dw:
-                logger.warning("%s: cropped the measurement from %dx%d to %dx%d (W x H) so that the restored "
-                               "image (%dx%d) is a multiple of %d pixels", node, w, h, w - dw, h - dh, shape[3],
-                               shape[2], SD3_MULTIPLE)
-            return measurement[:, :, : h - dh, : w - dw], shape
-    raise ValueError(f"the measurement ({w}x{h}, W x H) cannot be fitted to an image whose sides are multiples of "
-                     f"{SD3_MULTIPLE} pixels with this operator ({error or f'no crop of up to {MAX_CROP} pixels works'})")
+def fit_measurement(problem: RestorationProblem, node: str) -> tuple[RestorationProblem, padding.Padding]:
+    """The problem padded so that the restored image has sides that are multiples of 16 (:mod:`.padding`), and
+    the padding (whose ``image`` is the exact size to crop the result to); a padding is shown on the node.
+    Raises ValueError when the operator cannot be padded (a mask inside a composition)."""
+    plan = padding.plan(problem.operator, tuple(problem.measurement.shape))
+    if plan.needed:
+        messages.note(node, plan.describe())
+    return problem.padded(plan), plan
 
 
 @dataclass(frozen=True)
@@ -340,9 +326,11 @@ class Restoration(NamedTuple):
     samples: torch.Tensor
     """(B, C, h, w) the restored latent, VAE space, on ComfyUI's intermediate device."""
     problem: RestorationProblem
-    """The problem as sampled (its measurement cropped to fit, see :func:`fit_measurement`)."""
+    """The problem as sampled (padded to fit, see :func:`fit_measurement`)."""
     sampler: Any
     """The SAMPLER the run used (AFDPS keeps its ensembles there)."""
+    size: tuple[int, int] | None = None
+    """(height, width) of the restored image the measurement implies: crop the decoded samples to it."""
 
 
 def restore(node: str, model: Any, positive: Any, negative: Any, problem: RestorationProblem, run: RestoreRun,
@@ -351,13 +339,14 @@ def restore(node: str, model: Any, positive: Any, negative: Any, problem: Restor
     initial noise, CFGGuider, previews and progress through ``latent_preview``, interruption).
 
     ``model`` and the VAE are checked once (:func:`flow_model`, messages start with ``node``); the measurement
-    is cropped to fit a multiple of 16 pixels; the family's shift and CFG fill in a 0; the latent is empty, of
+    is padded to fit a multiple of 16 pixels (crop the decoded result to ``size``); the family's shift and CFG fill in a 0; the latent is empty, of
     the size the operator implies. ``make_sampler(problem, flow)`` gives the SAMPLER for the fitted problem.
     """
     flow = flow_model(model, problem.vae, node)
-    y, image_shape = fit_measurement(problem.operator, problem.measurement, node)
-    problem = dataclasses.replace(problem, measurement=y)
-    settings = restore_settings(model, run.shift, run.cfg, image_shape[2], image_shape[3])
+    problem, plan = fit_measurement(problem, node)
+    y = problem.measurement
+    image_shape = (y.shape[0], 3, *plan.padded_image)
+    settings = restore_settings(model, run.shift, run.cfg, image_shape[2], image_shape[3], node)
     logger.info("%s: %s", node, settings.describe())
     shifted = with_shift(model, settings.shift)
     channels = shifted.get_model_object("latent_format").latent_channels
@@ -370,7 +359,7 @@ def restore(node: str, model: Any, positive: Any, negative: Any, problem: Restor
     samples = comfy.sample.sample_custom(shifted, noise, settings.cfg, sampler, sigmas, positive, negative, latent,
                                          callback=callback, disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED,
                                          seed=run.seed)
-    return Restoration(samples, problem, sampler)
+    return Restoration(samples, problem, sampler, plan.image)
 
 
 # --- the KSAMPLER functions -----------------------------------------------------------------------------------
@@ -390,7 +379,7 @@ def sample_posterior(model, x, sigmas, extra_args=None, callback=None, disable=N
     if flow is None:
         name = "FlowChef" if isinstance(config, FlowChefConfig) else "FlowDPS"
         flow = flow_model(comfy_parts(model)[1], problem.vae, name)
-    problem.check_fits(x.shape)
+    problem = problem.fit_to(x.shape)
     with decoder_copy(problem.vae, flow, x.device) as decoder:
         op, y = problem.on(x.device)
         data_loss = measurement_loss(decoder, op.forward, y, project=projection(op, problem.residual),
@@ -466,7 +455,7 @@ def sample_psld(model, x, sigmas, extra_args=None, callback=None, disable=None, 
                          f"'inner_model': use CFGGuider, BasicGuider or another core guider")
     if flow is None:
         flow = flow_model(base, problem.vae, "PSLD")
-    problem.check_fits(x.shape)
+    problem = problem.fit_to(x.shape)
     vae = problem.vae
     make_room(module_bytes(base.diffusion_model) + 4 * module_bytes(vae.first_stage_model), x.device,
               keep=getattr(guider, "model_patcher", None))

@@ -30,43 +30,50 @@ SCHEDULERS = (FLOWDPS_SCHEDULER, *comfy.samplers.SCHEDULER_NAMES)
 
 # --- tooltips ---------------------------------------------------------------------------------------------
 
-MODEL_TOOLTIP = ("A rectified-flow model from ComfyUI's loaders: SD3 medium, SD3.5 medium/large "
-                 "(CheckpointLoaderSimple or UNETLoader) or Flux.1 dev/schnell (UNETLoader). SD1.5/SDXL models are "
-                 "refused with an error.")
-POSITIVE_TOOLTIP = ("What the photo shows (the paper: 'a photo of ...'). Flux dev takes its guidance from here: "
-                    "put a FluxGuidance node (default 3.5) after the text encoder.")
-NEGATIVE_TOOLTIP = ("Negative prompt. The paper's setting (SD3, CFG 2) is the empty prompt encoded by the text "
-                    "encoders (a CLIP Text Encode with no text), not ConditioningZeroOut, whose zeros are a "
-                    "different negative for SD3's guidance. Unused at CFG 1, Flux's default: connect the positive "
-                    "prompt or a ConditioningZeroOut.")
-CFG_TOOLTIP = ("Classifier-free guidance scale. 0 = the model family's default: SD3 2.0 (paper), SD3.5 2.0, Flux 1 "
-               "(guidance-distilled: no negative pass; set its guidance with FluxGuidance instead).")
-SHIFT_TOOLTIP = ("Time shift s of the flow schedule for this run only (ModelSamplingSD3's shift: sigma = s t / "
-                 "(1 + (s - 1) t)). 0 = the model family's default: SD3 4.0 (paper; ComfyUI's default is 3.0), SD3.5 "
-                 "3.0, Flux dev from the image size (ModelSamplingFlux: 1.65 at 256 px, 3.16 at 1024 px; its shift "
-                 "is ln s), Flux schnell 1.0.")
-RESTORE_VAE_TOOLTIP = "The model's VAE; a private copy of its decoder is differentiated."
-SCHEDULER_TOOLTIP = ("Noise levels of the steps. 'flowdps' (default): the official FlowDPS grid (the SD3 scheduler's "
-                     "time grid from 1 down to about 0.003, then the model's shift: at 28 steps and shift 4 the last "
-                     "level before 0 is 0.0119). The others are ComfyUI's schedulers, as in BasicScheduler ('simple' "
-                     "stops at 0.13 at 28 steps: a coarser last step).")
-RESIDUAL_TOOLTIP = ("Space of the data-consistency residual. 'auto': the official FlowDPS code's choice for the "
-                    "operator: the pseudo-inverse for super-resolution, the measurement itself for motion and "
-                    "custom-kernel blurs (the official code's 'adjoint' there is the identity), the adjoint for "
-                    "Gaussian blurs, inpainting and colourisation; for a composition the adjoint (or the "
-                    "measurement when a part asks for it). 'pinv' ||A+y - A+Ax||, 'adjoint' ||ATy - ATAx|| (the "
-                    "exact adjoint, for any operator), 'measurement' ||y - Ax||.")
-NORM_TOOLTIP = ("'paper': the un-squared Euclidean norm of the residual (official FlowDPS); 'squared': "
-                "||r||^2 / (2 sigma_y^2), the Gaussian log-likelihood (use a much smaller step size).")
-STEP_SIZE_NOTE = ("With the paper norm the step is a distance in latent space tuned for 768 px SD3 latents: other "
-                  "sizes, tasks or the squared norm need another value.")
+MODEL_TOOLTIP = ("The image model that knows what photos look like: SD3 medium, SD3.5 medium/large (Load "
+                 "Checkpoint or Load Diffusion Model) or Flux.1 dev/schnell (Load Diffusion Model). SD1.5/SDXL "
+                 "models do not work here (they are refused with an error).")
+POSITIVE_TOOLTIP = ("A few words on what the photo shows ('a photo of a cat'); 'a high quality photo' works for "
+                    "anything. Flux dev takes its guidance from here: put a FluxGuidance node (3.5) after the text "
+                    "encoder.")
+NEGATIVE_TOOLTIP = ("Negative prompt: leave its text empty (the paper's setting for SD3 and SD3.5: a CLIP Text "
+                    "Encode with no text, not ConditioningZeroOut). Flux does not use it at its default CFG: connect a "
+                    "ConditioningZeroOut.")
+CFG_TOOLTIP = ("How strongly the prompt steers the result. 0 = the model's own default (SD3 and SD3.5: 2, the "
+               "paper's; Flux: 1). Flux takes its guidance from a FluxGuidance node on the prompt instead: any other "
+               "CFG doubles the time. (Classifier-free guidance scale.)")
+SHIFT_TOOLTIP = ("How much of the run is spent on the coarse shapes (higher) versus fine detail. 0 = the model's "
+                 "own default: SD3 4 (the paper's; ComfyUI's default is 3), SD3.5 3, Flux dev from the image size "
+                 "(1.65 at 256 px, 3.16 at 1024 px), Flux schnell 1. Applies to this run only. (Time shift s of the "
+                 "flow schedule, as ModelSamplingSD3: sigma = s t / (1 + (s - 1) t).)")
+RESTORE_VAE_TOOLTIP = ("The model's own VAE (SD3/SD3.5: the SD3 VAE, from the checkpoint; Flux: ae.safetensors). "
+                       "Another family's VAE gives wrong colours. (A private copy of its decoder is differentiated.)")
+SCHEDULER_TOOLTIP = ("How the noise is removed over the steps. Keep 'flowdps' (the paper's schedule). The others are "
+                     "ComfyUI's schedulers, as in BasicScheduler. (The official grid: the SD3 scheduler's times from "
+                     "1 to about 0.003 through the shift; at 28 steps and shift 4 its last level before 0 is 0.0119, "
+                     "where 'simple' stops at 0.13.)")
+RESIDUAL_TOOLTIP = ("How the result is compared with your photo. Keep 'auto' (the paper's choice for each kind of "
+                    "degradation). 'auto' = the pseudo-inverse for super-resolution, the photo itself for motion and "
+                    "custom-kernel blurs, the adjoint for Gaussian blurs, inpainting and colourisation (for a "
+                    "composition the adjoint, or the photo when a part asks for it). 'pinv' ||A+y - A+Ax||, "
+                    "'adjoint' ||ATy - ATAx||, 'measurement' ||y - Ax||; 'pinv' on a blur is very slow.")
+NORM_TOOLTIP = ("How differences from your photo are weighed. Keep 'paper'. ('paper': the un-squared norm ||r||, "
+                "as the official FlowDPS; 'squared': ||r||^2 / (2 sigma_y^2), the Gaussian log-likelihood, which "
+                "needs a much smaller fit strength.)")
+STEP_SIZE_NOTE = ("15 is tuned for 768 px SD3 results: for other sizes try 5-30; if the result ignores your photo, "
+                  "raise it; if it shows artefacts, lower it. (A distance in latent space with the paper norm; the "
+                  "squared norm needs a much smaller value.)")
+MEASUREMENT_TOOLTIP = ("Your degraded photo (small, blurred or with holes), any size: a size that is not a multiple "
+                       "of 16 px is padded and the result cropped back.")
+OPERATOR_TOOLTIP = ("What happened to the photo (an operator node: upscale, blur, inpainting...). It must match the "
+                    "photo: a wrong operator gives a confident wrong result.")
 PSLD_MEMORY_NOTE = ("Memory: PSLD back-propagates through the diffusion model, so for the run it holds a private "
                     "copy of the diffusion model's weights (as large as the loaded model: about 4 GB for SD3 medium "
                     "and 5 GB for SD3.5 medium in 16-bit, 16 GB for SD3.5 large) and of the VAE encoder, plus the "
                     "transformer's activations for one backward pass. Time: per step one backward pass through the "
                     "transformer, the decoder and the encoder (FlowDPS: three through the decoder only).")
-SIGMA_Y_TOOLTIP = ("Measurement noise std on the [0, 1] image scale (only used by the 'squared' norm). The paper "
-                   "simulates 0.03 on the [-1, 1] scale, i.e. 0.015 here.")
+SIGMA_Y_TOOLTIP = ("How noisy your photo is, on the 0-1 pixel scale (0.015 = slight noise). Only used with norm "
+                   "'squared'. (The paper simulates 0.03 on the [-1, 1] scale, which is 0.015 here.)")
 
 # --- inputs several nodes declare alike ------------------------------------------------------------------
 
@@ -74,9 +81,9 @@ SIGMA_Y_TOOLTIP = ("Measurement noise std on the [0, 1] image scale (only used b
 def problem_inputs() -> list:
     """The SAMPLER nodes' first inputs: the VAE, the operator and the measurement."""
     return [
-        io.Vae.Input("vae", tooltip="The VAE of the model; a private copy of its decoder is differentiated."),
-        Operator.Input("operator", tooltip="The degradation that produced the measurement (operator nodes)."),
-        io.Image.Input("measurement", tooltip="The degraded photo (the operator's output size)."),
+        io.Vae.Input("vae", tooltip=RESTORE_VAE_TOOLTIP),
+        Operator.Input("operator", tooltip=OPERATOR_TOOLTIP),
+        io.Image.Input("measurement", tooltip=MEASUREMENT_TOOLTIP),
     ]
 
 
@@ -87,8 +94,8 @@ def restore_inputs() -> list:
         io.Conditioning.Input("positive", tooltip=POSITIVE_TOOLTIP),
         io.Conditioning.Input("negative", tooltip=NEGATIVE_TOOLTIP),
         io.Vae.Input("vae", tooltip=RESTORE_VAE_TOOLTIP),
-        io.Image.Input("measurement", tooltip="The degraded photo."),
-        Operator.Input("operator", tooltip="The degradation that produced the photo (operator nodes)."),
+        io.Image.Input("measurement", tooltip=MEASUREMENT_TOOLTIP),
+        Operator.Input("operator", tooltip=OPERATOR_TOOLTIP),
     ]
 
 

@@ -13,7 +13,7 @@ import logging
 
 import torch
 
-from ..operators import GaussianNoise, LinearOperator
+from ..operators import GaussianNoise, Inpainting, LinearOperator
 from .inputs import inputs_named
 
 logger = logging.getLogger(__name__)
@@ -116,8 +116,24 @@ def measurement_pixels(operator: LinearOperator, image: torch.Tensor, *, name: s
             pixels = pixels.mean(dim=1, keepdim=True)
         operator.input_shape(pixels.shape)
     except ValueError as e:
-        raise ValueError(f"{name} ({size} pixels, W x H) does not fit the operator: {e}") from None
+        raise ValueError(f"{name} ({size} pixels, W x H) does not fit the operator: {e}"
+                         f"{fix_hint(operator, pixels.shape)}") from None
     return pixels
+
+
+def fix_hint(operator: LinearOperator, shape: tuple[int, ...] | torch.Size) -> str:
+    """What to change on the operator's node when a photo of ``shape`` (B, C, h, w) does not fit it: the widgets
+    by their names (a sentence starting with '. ', or '' when there is nothing specific to say)."""
+    h, w = int(shape[2]), int(shape[3])
+    if isinstance(operator, Inpainting):
+        return (f". The inpainting mask must have the photo's size: in 'Inpainting operator (box)' or '(random "
+                f"pixels)' set 'width' and 'height' to {w} and {h}, or use 'Inpainting operator (box, relative)', "
+                "which follows the photo; a painted MASK must be painted on this photo")
+    kernel = getattr(operator, "kernel", None)
+    if isinstance(kernel, torch.Tensor) and kernel.ndim == 2 and (kernel.shape[0] > h or kernel.shape[1] > w):
+        return (f". Lower 'kernel_size' on the blur operator to at most {min(h, w) - (1 - min(h, w) % 2)} "
+                "(odd), or use a larger photo")
+    return ""
 
 
 def unknown_mask(operator: LinearOperator, image_shape: tuple[int, ...]) -> torch.Tensor:

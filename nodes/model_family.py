@@ -29,6 +29,8 @@ from typing import Any
 import comfy.model_sampling
 import comfy.supported_models
 
+from . import messages
+
 logger = logging.getLogger(__name__)
 
 SD3 = "sd3"
@@ -201,9 +203,10 @@ def check_vae_matches(model: Any, vae: Any, node: str = "FlowDPS") -> None:
     scale = getattr(stage, "vae_scale", None)
     expected = getattr(latent_format, "scale_factor", None)
     if scale is not None and expected is not None and not math.isclose(float(scale), float(expected), rel_tol=1e-3):
-        logger.warning("%s: the TAESD VAE's latent scale %.4f differs from the model's latent format %s (%.4f): "
-                       "is it the other family's VAE?", node, float(scale), type(latent_format).__name__,
-                       float(expected))
+        messages.warn(node, f"the VAE's latent scale {float(scale):.4f} differs from the model's latent format "
+                            f"{type(latent_format).__name__} ({float(expected):.4f}): it looks like another model "
+                            "family's VAE, which gives wrong "
+                            "colours; load the model's own VAE (SD3/SD3.5: the SD3 VAE; Flux: ae.safetensors)")
 
 
 def check_model_and_vae(model: Any, vae: Any, node: str = "FlowDPS") -> str:
@@ -252,7 +255,8 @@ class RestoreSettings:
                 f"{' (family default)' if self.cfg_is_default else ''}")
 
 
-def restore_settings(model: Any, shift: float, cfg: float, height: int, width: int) -> RestoreSettings:
+def restore_settings(model: Any, shift: float, cfg: float, height: int, width: int,
+                     node: str = "FlowDPS") -> RestoreSettings:
     """Resolve the Restore nodes' widgets: ``shift`` 0 and ``cfg`` 0 mean the family default.
 
     Raises ValueError for a negative value. A CFG other than 1 on Flux is allowed (it doubles the cost and
@@ -270,9 +274,9 @@ def restore_settings(model: Any, shift: float, cfg: float, height: int, width: i
         cfg=defaults.cfg if cfg == 0 else float(cfg),
         shift_is_default=shift == 0, cfg_is_default=cfg == 0)
     if family in (FLUX_DEV, FLUX_SCHNELL) and settings.cfg != 1.0:
-        logger.warning("%s is guidance-distilled: CFG %g runs a negative pass too (2x cost) and is not what the "
-                       "model was trained for; use CFG 1 (0 = default) and FluxGuidance on the positive prompt",
-                       defaults.display_name, settings.cfg)
+        messages.warn(node, f"{defaults.display_name} is guidance-distilled: CFG {settings.cfg:g} runs a second, "
+                            "negative model pass at every step (twice the time) and is not what the model was trained "
+                            "for; set cfg to 0 (the default, 1) and put FluxGuidance on the positive prompt")
     return settings
 
 

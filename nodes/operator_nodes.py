@@ -36,13 +36,14 @@ from ..operators import (
     random_mask,
     validate_kernel,
 )
+from . import messages
 from .common import CATEGORY_OPERATORS, Operator
 from .convert import comfy_mask_from_keep_mask, keep_mask_from_comfy_mask, mask_to_batch
 from .inputs import check_links, inputs_named
 
-BOUNDARY_TOOLTIP = ("What lies outside the image: 'reflect' mirrors it at the edges (natural photos), 'circular' "
-                    "wraps around (closed-form pseudo-inverse), 'zero' is black.")
-KERNEL_SIZE_TOOLTIP = "Kernel size in pixels (odd, so the kernel has a centre; paper: 61). Must not exceed the image."
+BOUNDARY_TOOLTIP = ("What the blur saw beyond the photo's edges: keep 'reflect' (a mirror image, right for photos); "
+                    "'circular' wraps around (fast exact pseudo-inverse), 'zero' is black.")
+KERNEL_SIZE_TOOLTIP = ("Size of the blur in pixels (odd; paper: 61). At most the photo's smaller side.")
 GREY_WEIGHTS = {"mean": MEAN_WEIGHTS, "bt601": BT601_WEIGHTS}
 BOX_DEFAULT_SIZE = 768  # the paper's image size (SD3 at 768 x 768)
 KERNEL_CONVENTIONS = ("point-spread function", "correlation kernel")
@@ -81,7 +82,8 @@ def kernel_from_inputs(image: torch.Tensor | None, mask: torch.Tensor | None) ->
 
 def _factor_input() -> io.Int.Input:
     return io.Int.Input("factor", default=PAPER_SR_FACTOR, min=1, max=64,
-                        tooltip="Downscale factor (paper: 12, 768 -> 64 pixels).")
+                        tooltip="How many times larger the result is than your photo (4: 64x64 -> 256x256). The "
+                                "paper uses 12 (64 -> 768 pixels).")
 
 
 class SuperResolutionAvgPool(io.ComfyNode):
@@ -89,10 +91,11 @@ class SuperResolutionAvgPool(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="FlowDPSOperatorSRAvgPool",
-            display_name="SR operator (average pool)",
+            display_name="Upscale operator (super-resolution, average pool)",
             category=CATEGORY_OPERATORS,
-            description="Super-resolution by an integer factor: each measured pixel is the mean of a factor x "
-                        "factor block (the paper's sr_avgpool). The image sides must be divisible by the factor.",
+            description="For upscaling (super-resolution): says the photo is the result shrunk by 'factor', each "
+                        "pixel the mean of a factor x factor block (the paper's sr_avgpool). The result is factor "
+                        "times the photo's size.",
             inputs=[_factor_input()],
             outputs=[_operator_output()],
         )
@@ -107,11 +110,12 @@ class SuperResolutionBicubic(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="FlowDPSOperatorSRBicubic",
-            display_name="SR operator (bicubic)",
+            display_name="Upscale operator (super-resolution, bicubic)",
             category=CATEGORY_OPERATORS,
-            description="Super-resolution by an integer factor with antialiased bicubic downsampling (a = -0.5, "
-                        "symmetric boundary; the paper's sr_bicubic). The image sides must be divisible by the "
-                        "factor.",
+            description="For upscaling (super-resolution), the usual choice: says the photo is the result shrunk "
+                        "by 'factor' with antialiased bicubic downscaling (a = -0.5, symmetric boundary; the paper's "
+                        "sr_bicubic), as most software shrinks photos. The result is factor times the photo's "
+                        "size.",
             inputs=[_factor_input()],
             outputs=[_operator_output()],
         )
@@ -126,15 +130,17 @@ class GaussianBlurOperator(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="FlowDPSOperatorGaussianBlur",
-            display_name="Gaussian blur operator",
+            display_name="Gaussian blur operator (deblur)",
             category=CATEGORY_OPERATORS,
-            description="An exact, centred Gaussian blur with a true adjoint (our default for Gaussian "
-                        "deblurring; the paper's size 61, sigma 3).",
+            description="For deblurring a soft, out-of-focus photo: says the photo was blurred by a round "
+                        "(Gaussian) blur of radius 'sigma'. The result has the photo's size. (An exact, centred "
+                        "Gaussian with a true adjoint; the paper's size 61, sigma 3.)",
             inputs=[
                 io.Int.Input("kernel_size", default=GAUSSIAN_KERNEL_SIZE, min=1, max=255, step=2,
                              tooltip=KERNEL_SIZE_TOOLTIP),
                 io.Float.Input("sigma", default=GAUSSIAN_SIGMA, min=0.01, max=100.0, step=0.1,
-                               tooltip="Standard deviation in pixels (> 0; paper: 3.0)."),
+                               tooltip="How blurred the photo is: the blur's radius in pixels (paper: 3; standard "
+                                       "deviation of the Gaussian)."),
                 io.Combo.Input("boundary", options=["reflect", "circular", "zero"], default="reflect",
                                tooltip=BOUNDARY_TOOLTIP),
             ],
@@ -182,7 +188,7 @@ class MotionBlurOperator(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="FlowDPSOperatorMotionBlur",
-            display_name="Motion blur operator",
+            display_name="Motion blur operator (deblur)",
             category=CATEGORY_OPERATORS,
             description="Blur by a random camera-shake kernel (our own generator of the DPS/FlowDPS kind: size "
                         "61, intensity 0.5 in the paper). The same seed gives the same kernel. Applied as the "
@@ -195,9 +201,10 @@ class MotionBlurOperator(io.ComfyNode):
                 io.Int.Input("kernel_size", default=MOTION_KERNEL_SIZE, min=3, max=255, step=2,
                              tooltip=KERNEL_SIZE_TOOLTIP),
                 io.Float.Input("intensity", default=MOTION_INTENSITY, min=0.0, max=1.0, step=0.05,
-                               tooltip="How much the path wanders, 0 (straight) to 1 (shaky); paper: 0.5."),
+                               tooltip="How much the camera path wanders, 0 (a straight streak) to 1 (shaky); "
+                                       "paper: 0.5."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF,
-                             tooltip="Seed of the kernel's random path."),
+                             tooltip="Which random camera-shake path (the same seed gives the same blur)."),
                 io.Combo.Input("boundary", options=["reflect", "circular", "zero"], default="reflect",
                                tooltip=BOUNDARY_TOOLTIP),
             ],
@@ -219,7 +226,7 @@ class KernelBlurOperator(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="FlowDPSOperatorKernelBlur",
-            display_name="Blur operator (custom kernel)",
+            display_name="Blur operator (deblur, custom kernel)",
             category=CATEGORY_OPERATORS,
             description="Blur by your own kernel, given as an IMAGE (channels averaged, first image of a batch) "
                         "or a MASK. Sizes must be odd; values must be >= 0; the kernel is normalised to sum 1. "
@@ -262,19 +269,22 @@ class BoxInpaintOperator(io.ComfyNode):
             node_id="FlowDPSOperatorBoxInpaint",
             display_name="Inpainting operator (box)",
             category=CATEGORY_OPERATORS,
-            description="Hides a rectangle of an image of the given size (width x height must equal the image's). "
-                        "Outputs the MASK too (white = missing), in ComfyUI's convention.",
+            description="Fill a rectangle given in pixels, on a photo of exactly width x height pixels. "
+                        "'Inpainting operator (box, relative)' places the box as fractions of any photo instead, "
+                        "with nothing to retype. Outputs the MASK too (white = to fill), in ComfyUI's convention.",
             inputs=[
-                io.Int.Input("width", default=BOX_DEFAULT_SIZE, min=1, max=16384, tooltip="Image width."),
-                io.Int.Input("height", default=BOX_DEFAULT_SIZE, min=1, max=16384, tooltip="Image height."),
+                io.Int.Input("width", default=BOX_DEFAULT_SIZE, min=1, max=16384,
+                             tooltip="Your photo's width in pixels (must match it exactly)."),
+                io.Int.Input("height", default=BOX_DEFAULT_SIZE, min=1, max=16384,
+                             tooltip="Your photo's height in pixels (must match it exactly)."),
                 io.Int.Input("box_left", default=BOX_DEFAULT_SIZE // 4, min=0, max=16384,
-                             tooltip="Left column of the hidden box."),
+                             tooltip="Left edge of the box to fill, in pixels from the left."),
                 io.Int.Input("box_top", default=BOX_DEFAULT_SIZE // 4, min=0, max=16384,
-                             tooltip="Top row of the hidden box."),
+                             tooltip="Top edge of the box to fill, in pixels from the top."),
                 io.Int.Input("box_width", default=BOX_DEFAULT_SIZE // 2, min=1, max=16384,
-                             tooltip="Width of the hidden box."),
+                             tooltip="Width of the box to fill, in pixels."),
                 io.Int.Input("box_height", default=BOX_DEFAULT_SIZE // 2, min=1, max=16384,
-                             tooltip="Height of the hidden box."),
+                             tooltip="Height of the box to fill, in pixels."),
             ],
             outputs=[_operator_output(),
                      io.Mask.Output(display_name="mask", tooltip="1 = missing (to be filled), 0 = known.")],
@@ -283,6 +293,58 @@ class BoxInpaintOperator(io.ComfyNode):
     @classmethod
     def execute(cls, width, height, box_left, box_top, box_width, box_height) -> io.NodeOutput:
         keep = box_mask(height, width, box_top, box_left, box_height, box_width)
+        return io.NodeOutput(Inpainting(keep), comfy_mask_from_keep_mask(keep))
+
+
+BOX_FRACTION_INPUTS = (("box_left", 0.25, "Left edge of the box, as a fraction of the photo's width (0 = left "
+                                         "edge, 0.5 = middle)."),
+                       ("box_top", 0.25, "Top edge of the box, as a fraction of the photo's height (0 = top edge)."),
+                       ("box_width", 0.5, "Width of the box, as a fraction of the photo's width (0.5 = half)."),
+                       ("box_height", 0.5, "Height of the box, as a fraction of the photo's height (0.5 = half)."))
+
+
+def relative_box(height: int, width: int, left: float, top: float, box_width: float,
+                 box_height: float) -> tuple[int, int, int, int, bool]:
+    """Pixel box ``(top, left, height, width)`` of a box given as fractions of a ``height`` x ``width`` photo
+    (rounded, at least one pixel, cut at the photo's edges), and whether it had to be cut."""
+    x0, y0 = round(left * width), round(top * height)
+    x1, y1 = x0 + max(1, round(box_width * width)), y0 + max(1, round(box_height * height))
+    cx0, cy0 = min(max(x0, 0), width - 1), min(max(y0, 0), height - 1)
+    cx1, cy1 = max(min(x1, width), cx0 + 1), max(min(y1, height), cy0 + 1)
+    return cy0, cx0, cy1 - cy0, cx1 - cx0, (cx0, cy0, cx1, cy1) != (x0, y0, x1, y1)
+
+
+class RelativeBoxInpaintOperator(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FlowDPSOperatorBoxInpaintRelative",
+            display_name="Inpainting operator (box, relative)",
+            category=CATEGORY_OPERATORS,
+            description="Fill a rectangle of the photo: the box is given as fractions of the photo (0.25, 0.25, "
+                        "0.5, 0.5 = the middle quarter), so it fits any photo size with nothing to type. Connect the "
+                        "photo to 'image'. Outputs the MASK too (white = to fill).",
+            inputs=[
+                io.Image.Input("image", tooltip="The photo the box is placed on (only its size is used)."),
+                *(io.Float.Input(name, default=default, min=0.0, max=1.0, step=0.01, tooltip=tooltip)
+                  for name, default, tooltip in BOX_FRACTION_INPUTS),
+            ],
+            outputs=[_operator_output(),
+                     io.Mask.Output(display_name="mask", tooltip="1 = to fill (the box), 0 = kept.")],
+        )
+
+    @classmethod
+    def execute(cls, image, box_left, box_top, box_width, box_height) -> io.NodeOutput:
+        check_links(cls, image=image)
+        if image.ndim != 4 or min(image.shape[1:3]) < 1:
+            raise ValueError(f"image must be an IMAGE (B, H, W, C), got shape {tuple(image.shape)}")
+        height, width = int(image.shape[1]), int(image.shape[2])
+        top, left, box_h, box_w, cut = relative_box(height, width, box_left, box_top, box_width, box_height)
+        if cut:
+            messages.note(cls.define_schema().display_name,
+                          f"the box reaches past the photo's edge; it was cut there (box {box_w}x{box_h} px at "
+                          f"({left}, {top}) of a {width}x{height} photo)")
+        keep = box_mask(height, width, top, left, box_h, box_w)
         return io.NodeOutput(Inpainting(keep), comfy_mask_from_keep_mask(keep))
 
 
@@ -317,12 +379,12 @@ class MaskInpaintOperator(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="FlowDPSOperatorMaskInpaint",
-            display_name="Inpainting operator (mask)",
+            display_name="Inpainting operator (painted mask)",
             category=CATEGORY_OPERATORS,
-            description="Inpainting with any ComfyUI MASK (e.g. painted in the mask editor of LoadImage): white "
-                        "(above 0.5) = missing, to be filled; black (0.5 and below) = known. A value of exactly "
-                        "0.5 counts as known, as ComfyUI's VAE Encode (for Inpainting) rounds it. The mask must "
-                        "have the image's size.",
+            description="Fill the area you painted: connect Load Image's MASK after painting on the photo in "
+                        "its mask editor (right-click the image > Open in MaskEditor). White (above 0.5) = to fill, "
+                        "black = keep; exactly 0.5 counts as keep, as ComfyUI's VAE Encode (for Inpainting) rounds "
+                        "it. The mask must have the photo's size.",
             inputs=[
                 io.Mask.Input("mask", tooltip="1 = area to fill (ComfyUI's convention), 0 = keep; soft values are "
                                               "cut at 0.5 (above: fill; exactly 0.5: keep)."),
@@ -411,6 +473,7 @@ OPERATOR_NODES = [
     MotionBlurOperator,
     KernelBlurOperator,
     BoxInpaintOperator,
+    RelativeBoxInpaintOperator,
     RandomInpaintOperator,
     MaskInpaintOperator,
     IdentityOperator,

@@ -18,8 +18,10 @@ from .common import (
     scheduler_input,
 )
 from .inputs import check_links, step_schedule
+from .padding import crop_image
 
-NAME = "FlowDPS Restore"  # the display name, which messages and log lines start with
+NAME = "FlowDPS Restore"  # messages and log lines start with it
+DISPLAY_NAME = "Restore: upscale, deblur, inpaint (FlowDPS)"  # what the editor shows; its search finds these words
 METHODS = ("flowdps", "flowchef", "psld")
 
 
@@ -30,40 +32,49 @@ class FlowDPSRestore(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="FlowDPSRestore",
-            display_name=NAME,
+            display_name=DISPLAY_NAME,
             category=CATEGORY_ROOT,
             description=(
-                "Restores a degraded photo (super-resolution, deblurring, inpainting) with a rectified-flow model "
-                "(SD3, SD3.5, Flux) by posterior sampling (FlowDPS, arXiv 2503.08136). The output size follows from "
-                "the operator and the measurement (SR x12 of 64x64 gives 768x768); it must be a multiple of 16 "
-                "pixels, otherwise the measurement is cropped and a warning is logged. Defaults are the paper's; "
-                "shift and CFG 0 pick the model family's (Flux: CFG 1, guidance via FluxGuidance). The 'psld' "
-                "method differentiates the diffusion model: it needs a second copy of the model's weights in memory."
+                "Restores a degraded photo: upscaling (super-resolution), deblurring or filling holes (inpainting), "
+                "with SD3, SD3.5 or Flux and no training. Connect the model, prompts, VAE, your photo and an operator "
+                "node that says what happened to the photo; the result's size follows (upscale x4 of 64x64 gives "
+                "256x256, exactly, whatever the photo's size). The defaults are the paper's (FlowDPS, Kim, Kim & Ye, "
+                "ICCV 2025); cfg and shift 0 pick the model's own. Method 'psld' needs a second copy of the model "
+                "in memory."
             ),
             inputs=[
                 *restore_inputs(),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
-                             tooltip="Seed of the initial noise and of FlowDPS's renoising."),
-                io.Int.Input("steps", default=28, min=1, max=1000, tooltip="Sampling steps (paper: 28)."),
+                             tooltip="Another seed gives another plausible restoration; the same seed repeats "
+                                     "the result. (Initial noise and FlowDPS's renoising.)"),
+                io.Int.Input("steps", default=28, min=1, max=1000,
+                             tooltip="Sampling steps: 28 is the paper's; 12-16 is a quick preview."),
                 *cfg_shift_inputs(),
                 io.Combo.Input("method", options=list(METHODS), default="flowdps",
-                               tooltip="flowdps: the paper's method; flowchef: the baseline (one gradient per "
-                                       "step, deterministic); psld: the PSLD baseline (gradient through the "
-                                       "transformer and the VAE encoder, weights 1.0 / 0.1; residual 'auto' is "
-                                       "||y - Ax||). " + PSLD_MEMORY_NOTE),
+                               tooltip="Keep 'flowdps' (the paper's method). 'flowchef' is a faster, weaker "
+                                       "baseline (one gradient per step, deterministic); 'psld' an older, slower "
+                                       "one, for comparisons (gradient through the transformer and the VAE "
+                                       "encoder, weights 1.0 / 0.1; residual 'auto' is ||y - Ax||). "
+                                       + PSLD_MEMORY_NOTE),
                 io.Int.Input("dc_steps", default=3, min=1, max=50,
-                             tooltip="FlowDPS: gradient steps per sampling step (paper: 3); unused by flowchef "
-                                     "and psld."),
+                             tooltip="How many times per step the result is nudged towards your photo (paper: "
+                                     "3; more is slower). Unused by flowchef and psld. (K gradient steps on the "
+                                     "clean-latent estimate.)"),
                 io.Float.Input("step_size", default=15.0, min=0.0, max=1000.0, step=0.1,
-                               tooltip=("Data-consistency step size (paper: 15). " + STEP_SIZE_NOTE)),
+                               tooltip=("How hard each nudge pulls the result towards your photo (paper: 15). "
+                                        + STEP_SIZE_NOTE)),
                 io.Float.Input("step_size_end", default=-1.0, min=-1.0, max=1000.0, step=0.1,
-                               tooltip="Step size at the last step (linear ramp); -1 keeps it constant."),
+                               tooltip="Fit strength at the last step, ramping from fit strength (-1: no ramp, "
+                                       "the paper)."),
                 *data_inputs(),
                 scheduler_input(),
             ],
             outputs=[
-                io.Image.Output(display_name="image", tooltip="The restored photo."),
-                io.Latent.Output(display_name="latent", tooltip="The restored latent (VAE space)."),
+                io.Image.Output(display_name="image", tooltip="The restored photo, at the size the photo and the "
+                                                             "operator imply."),
+                io.Latent.Output(display_name="latent", tooltip="The restored latent (VAE space), as sampled: for a "
+                                                               "size that is not a multiple of 16 px it includes "
+                                                               "the padding."),
             ],
         )
 
@@ -86,4 +97,4 @@ class FlowDPSRestore(io.ComfyNode):
             return comfy.samplers.KSAMPLER(function, extra_options={"problem": problem, "config": config, "flow": flow})
 
         run = restore(NAME, model, positive, negative, problem, RestoreRun(seed, steps, cfg, shift, scheduler), sampler)
-        return io.NodeOutput(vae.decode(run.samples), {"samples": run.samples})
+        return io.NodeOutput(crop_image(vae.decode(run.samples), run.size), {"samples": run.samples})

@@ -2,7 +2,8 @@
 
 They combine with any NOISE, GUIDER (CFG, CFG schedules via guider nodes) and SIGMAS node. The latent
 given to SamplerCustomAdvanced must decode to the image size the operator expects (for SR x4 of a
-64 x 64 photo: 256 x 256, i.e. an EmptySD3LatentImage of 256 x 256).
+64 x 64 photo: 256 x 256); the 'Latent for measurement' node makes it. A latent of the padded size it gives for a
+photo whose result is not a multiple of 16 px is accepted (the measurement is padded alike, ``RestorationProblem.fit_to``).
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ class FlowDPSSampler(io.ComfyNode):
             display_name="FlowDPS Sampler",
             category=CATEGORY_SAMPLERS,
             description=(
-                "FlowDPS posterior sampler (arXiv 2503.08136) for SamplerCustomAdvanced: at every step the "
+                "FlowDPS posterior sampler (arXiv 2503.08136) for SamplerCustomAdvanced (give it a latent from 'Latent "
+                "for measurement'): at every step the "
                 "clean-latent estimate gets K gradient steps towards the measurement through the VAE decoder, "
                 "is blended with the prior estimate and renoised. Defaults are the paper's (K=3, step 15). "
                 "Use with a rectified-flow model: SD3 with ModelSamplingSD3 shift 4, 28 steps, CFG 2 (the paper); "
@@ -50,12 +52,14 @@ class FlowDPSSampler(io.ComfyNode):
             inputs=[
                 *problem_inputs(),
                 io.Int.Input("dc_steps", default=3, min=1, max=50,
-                             tooltip="K: gradient steps on the clean-latent estimate per sampling step (paper: 3)."),
+                             tooltip="How many times per step the result is nudged towards your photo (paper: "
+                                     "3). (K gradient steps on the clean-latent estimate.)"),
                 io.Float.Input("step_size", default=15.0, min=0.0, max=1000.0, step=0.1,
-                               tooltip=("Data-consistency step size at the first step (paper: 15). " + STEP_SIZE_NOTE)),
+                               tooltip=("How hard each nudge pulls the result towards your photo, at the first "
+                                        "step (paper: 15). " + STEP_SIZE_NOTE)),
                 io.Float.Input("step_size_end", default=-1.0, min=-1.0, max=1000.0, step=0.1,
-                               tooltip="Step size at the last step (linear ramp); -1 keeps it constant "
-                                       "(paper). Later work found a decreasing step better."),
+                               tooltip="Fit strength at the last step, ramping from step_size (-1: no ramp, the "
+                                       "paper). Later work found a decreasing one better."),
                 *data_inputs(),
             ],
             outputs=[io.Sampler.Output()],
@@ -87,7 +91,8 @@ class FlowChefSampler(io.ComfyNode):
             inputs=[
                 *problem_inputs(),
                 io.Float.Input("step_size", default=15.0, min=0.0, max=1000.0, step=0.1,
-                               tooltip=("Gradient step size (the repository's solve.py passes 15). " + STEP_SIZE_NOTE)),
+                               tooltip=("How hard each step pulls the result towards your photo (the FlowDPS "
+                                        "repository uses 15). " + STEP_SIZE_NOTE)),
                 *data_inputs(),
             ],
             outputs=[io.Sampler.Output()],

@@ -1,6 +1,6 @@
 """Random-trajectory motion-blur kernels (our own implementation of the DPS/FlowDPS generator).
 
-Written from the description of the procedure in ecosystem.md §4.1 (the original ``motionblur`` code has
+Written from a description of the procedure (the original ``motionblur`` code has
 no licence and was not used): a camera-shake path made of many short steps whose directions wander more
 as ``intensity`` grows, drawn on a supersampled canvas, smoothed, downsampled and normalised. The
 distribution follows the description; the exact kernels of the paper cannot be reproduced (they came

@@ -2,10 +2,10 @@
 
 AFDPS (Chen, Ren, Min, Ying, Izzo, arXiv 2506.03979) moves ``P`` weighted particles with a guided reverse SDE
 and corrects the guidance with importance weights, so that the weighted ensemble targets the exact posterior
-of the (discretised) prior. This is the rectified-flow form derived in afdps.md (§2.2-2.7, App. B):
-Euler-Maruyama on the given sigma grid, noise level ``V^2 = 2 eta_v s``, the discrete twisted-SMC ("W2")
-weights, the ``tweedie`` potential family with the stop-gradient decoder-VJP proposal gradient; afdps.md's SMC
-setting resamples (systematic) when ``ESS < 0.5 P``.
+of the (discretised) prior. This is its rectified-flow form, with a
+recommended configuration: Euler-Maruyama on the given sigma grid, noise level ``V^2 = 2 eta_v s``, the
+discrete twisted-SMC ("W2") weights, the ``tweedie`` potential family with the stop-gradient decoder-VJP
+proposal gradient, and systematic resampling when ``ESS < 0.5 P`` (never after the last step).
 
 What the weights can do depends on the dimension (docs/afdps_posterior_outputs.md, measured on the exact
 image-scale Gaussian problems): in a few dimensions with many particles they make the ensemble exact; on images
@@ -223,18 +223,18 @@ REQUIREMENTS: tuple[tuple[str, str, str, tuple[str, ...], str], ...] = (
 
 @dataclass(frozen=True)
 class AFDPSConfig:
-    """AFDPS settings: afdps.md's SDE + ``tweedie`` + W2 moves and weights with its SMC resampling, ending on the
+    """AFDPS settings: the SDE + ``tweedie`` + W2 moves and weights with SMC resampling, ending on the
     denoised estimate followed by one data-consistency step (chosen on the exact image-scale Gaussian problems,
-    docs/afdps_posterior_outputs.md; afdps.md's literal last Euler-Maruyama step is ``final_step="move"``).
+    docs/afdps_posterior_outputs.md; the literal last Euler-Maruyama step is ``final_step="move"``).
     For images pass ``resample_threshold=0`` (and, as the nodes do, ``kappa_clip=0.5``): the configuration
     measured to give a calibrated uncertainty map. The paper's own EDM experiments use ``V = G``, multinomial
-    resampling that is switched off, and a likelihood at the noisy particle, which afdps.md §4.4 shows has very
-    high weight variance in RF form."""
+    resampling that is switched off, and a likelihood at the noisy particle, which in RF form has very high
+    weight variance."""
 
     variant: str = "sde"
     """``"sde"``: guided Euler-Maruyama moves (AFDPS-SDE, recommended). ``"ode"``: Euler probability-flow
     predictor without guidance, then ``corrector_steps`` Langevin (ULA) steps at the next level targeting
-    ``p_s' exp(-mu_s')`` (AFDPS-ODE, afdps.md §2.5); it needs the exact gradient of ``mu``, so it takes the
+    ``p_s' exp(-mu_s')`` (AFDPS-ODE); it needs the exact gradient of ``mu``, so it takes the
     ``"noised"`` or ``"none"`` potential (pixel space or latents), and costs 1 + corrector_steps denoiser
     calls and 1 + corrector_steps decoder gradients per particle a step."""
     potential: str = "tweedie"
@@ -243,7 +243,7 @@ class AFDPSConfig:
     ``"none"`` (no likelihood: samples the prior)."""
     weights: str = "W2"
     """``"W2"``: discrete twisted-SMC / Girsanov weights (exact for the discretised prior, no Laplacian).
-    ``"W1"``: the paper's Euler discretisation of the reaction rate (afdps.md §2.4-2.5; pixel space and the
+    ``"W1"``: the paper's Euler discretisation of the reaction rate (pixel space and the
     ``"noised"`` potential only, where the Laplacian is particle-independent and drops out exactly; no
     evidence estimate). ``"none"``: no weights and no resampling, i.e. the bare guided dynamics (biased; for
     comparison only)."""
@@ -254,7 +254,7 @@ class AFDPSConfig:
     """Guidance factor ``kappa`` of the proposal drift ``-kappa V^2 g`` (>= 0; the paper's value is 1). With W2
     any value stays exact; 0 is the unguided prior proposal (plain importance sampling)."""
     kappa_clip: float | None = None
-    """``c`` of the stiffness clip ``kappa_i = min(kappa, c / (dt V^2 L_i))`` (afdps.md §2.5 remedy ii; SDE
+    """``c`` of the stiffness clip ``kappa_i = min(kappa, c / (dt V^2 L_i))`` (SDE
     with W2 only, where it stays exact). ``None``: no clip (the paper). 0.5 keeps the explicit guidance step
     well inside its stability limit of about 1. Needs ``||A J_D||^2`` (``operator_norm2`` or an estimate)."""
     gamma2: float | None = None
@@ -264,9 +264,9 @@ class AFDPSConfig:
     gamma_probes: int = 16
     """Rademacher probes for the ``gamma^2`` estimate (a private generator seeded 0: deterministic)."""
     resample_threshold: float = 0.5
-    """Resample when ``ESS < resample_threshold * P`` (``c`` of afdps.md §2.7; 0 never resamples, 1 always).
+    """Resample when ``ESS < resample_threshold * P`` (0 never resamples, 1 always).
     Never after the last step, so that ``best`` is the highest-weight particle of the final weights.
-    0.5 is afdps.md's SMC setting, right where the weights stay informative (low dimension, many particles):
+    0.5 is the SMC setting for where the weights stay informative (low dimension, many particles):
     there resampling is what makes the weighted ensemble converge to the posterior. **For images use 0**
     (docs/afdps_posterior_outputs.md): there the weights collapse at any affordable ``P`` (ESS 1 of 8 within the
     first steps on every exact image problem), and resampling then only clones a few particles, which removes
@@ -276,13 +276,13 @@ class AFDPSConfig:
     resampling: str = "systematic"
     """``"systematic"`` (recommended, lower variance) or ``"multinomial"`` (the paper's Algorithm 1)."""
     chunk_size: int | None = 4
-    """Particles per decoder forward + VJP; ``None``: all at once. afdps.md recommends 1-4 for SD3 at 768^2.
+    """Particles per decoder forward + VJP; ``None``: all at once. 1-4 suits SD3 at 768^2.
     Used only with a decoder: in pixel space every particle goes through ``A`` in one pass whatever this says
     (chunking bought nothing there and made runs 2-35x slower)."""
     corrector_steps: int = 1
-    """ULA steps per level of the ODE variant (afdps.md §4: 1)."""
+    """ULA steps per level of the ODE variant (1 is enough)."""
     corrector_delta: float = 0.05
-    """ULA step ``h = min(delta s'^2, 0.25 / (Lip + 1 / s'^2))`` (afdps.md §2.5: delta = 0.05), with
+    """ULA step ``h = min(delta s'^2, 0.25 / (Lip + 1 / s'^2))`` (delta = 0.05), with
     ``Lip = ||A||_2^2 / tau_s'^2`` the Lipschitz constant of ``grad mu_s'``."""
     operator_norm2: float | None = None
     """``||A||_2^2`` (pixel space) or ``||A J_D||_2^2`` (latents, the decoder linearised) for the ULA step and
@@ -626,7 +626,7 @@ def sample_afdps(denoise: Denoiser, z: Tensor, sigmas: Tensor, *, forward: Tenso
             ``forward``, ``y`` and ``sigma_y`` go together: all three, or none of them to sample the prior
             (the run then uses the ``"none"`` potential whatever ``config.potential`` says).
         decode: differentiable latent -> image map (any tensors it saves must be ordinary, non-inference
-            tensors, see style.md §3.3.6), or ``None`` for pixel space.
+            tensors: ComfyUI runs nodes under inference mode), or ``None`` for pixel space.
         config: :class:`AFDPSConfig` (default: its defaults, the configuration chosen by measurement).
         generator: source of all randomness (move noise, resampling, the final draw) on ``z``'s device;
             ``None`` takes one seed from torch's global RNG (:mod:`~.rng`), as ``torch.randn`` would.

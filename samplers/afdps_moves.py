@@ -1,6 +1,6 @@
 """AFDPS moves and their weights: how the particles go from one noise level to the next (pure PyTorch).
 
-Per step ``s = s_i -> s' = s_{i+1}``, ``dt = s - s' > 0``, ``V^2 = 2 eta_v s`` (afdps.md §2.5)::
+Per step ``s = s_i -> s' = s_{i+1}``, ``dt = s - s' > 0``, ``V^2 = 2 eta_v s`` ::
 
     z0_hat = denoise(z, s);   eps_hat = (z - (1 - s) z0_hat) / s                    (eps_hat = z at s = 1)
     m_ref = z + dt (z0_hat - (1 + eta_v) eps_hat)        # Euler-Maruyama mean of the prior reverse SDE
@@ -9,7 +9,7 @@ Per step ``s = s_i -> s' = s_{i+1}``, ``dt = s - s' > 0``, ``V^2 = 2 eta_v s`` (
     log w += mu_s(z) - mu_s'(z') + kappa V sqrt(dt) g.xi - kappa^2 V^2 dt |g|^2 / 2       (W2)
 
 * :class:`GuidedEulerMaruyama` (AFDPS-SDE): the guided move above; its :class:`Move` carries the Girsanov term
-  ``log K_ref(z' | z) / K_g(z' | z)`` (the last two terms). Stiffness (afdps.md §2.5 remedy ii): with
+  ``log K_ref(z' | z) / K_g(z' | z)`` (the last two terms). Stiffness: with
   ``kappa_clip = c`` the guidance factor of the step is ``kappa_i = min(kappa, c / (dt V^2 L_i))``, ``L_i`` the
   potential's Lipschitz estimate. W2 uses the actual proposal, so any ``kappa_i`` keeps the weights exact; the
   clip only removes the overshoot of the explicit guidance step when ``sigma_y`` is small.
@@ -18,7 +18,7 @@ Per step ``s = s_i -> s' = s_{i+1}``, ``dt = s - s' > 0``, ``V^2 = 2 eta_v s`` (
   ``steps`` unadjusted Langevin steps at ``s'`` on ``p_s' exp(-mu_s')`` with the Tweedie score
   ``-eps_hat / s'`` and the exact ``grad mu_s'`` (no weight change). One extra denoiser call per corrector step.
 * :class:`TwistedWeights` (W2): the exact SMC weight of the Euler-Maruyama prior chain tilted by ``exp(-mu_0)``
-  at the end, for any proposal gradient and any intermediate potentials (afdps.md App. B).
+  at the end, for any proposal gradient and any intermediate potentials.
 * The last step (``AFDPSConfig.final_step``): :class:`EndOnDenoised` ends every particle on its denoised estimate
   ``z0_hat(z, s_{K-1})`` (the probability-flow Euler step to 0, exactly: deterministic and unguided, so the
   move leaves no noise and its W2 weight is ``mu_{s_{K-1}}(z) - mu_0(z0_hat)``); :class:`DataConsistencyStep`
@@ -96,7 +96,7 @@ class Move(NamedTuple):
 # --- small pure pieces -----------------------------------------------------------------------------------
 
 def noise_variance(sigma: float, eta_v: float) -> float:
-    """``V^2 = 2 eta_v s``: the reverse-SDE noise variance per unit ``s`` (afdps.md §2.2)."""
+    """``V^2 = 2 eta_v s``: the reverse-SDE noise variance per unit ``s``."""
     return 2.0 * eta_v * sigma
 
 
@@ -104,7 +104,7 @@ def reference_mean(z: Tensor, z0_hat: Tensor, sigma: float, dt: float, eta_v: fl
     """Euler-Maruyama mean of the prior reverse SDE with ``V^2 = 2 eta_v s`` over ``dt > 0``:
     ``z + dt (z0_hat - (1 + eta_v) eps_hat)`` with ``eps_hat = (z - (1 - s) z0_hat) / s`` (needs ``s > 0``).
 
-    (``= z + dt c_H``, ``c_H = -v - (V^2 / 2s) eps_hat``, afdps.md §2.2.) z, z0_hat: (P, ...)."""
+    (``= z + dt c_H``, ``c_H = -v - (V^2 / 2s) eps_hat``.) z, z0_hat: (P, ...)."""
     eps_hat = noise_from_x0(z, z0_hat, sigma)
     return z + dt * (z0_hat - (1.0 + eta_v) * eps_hat)
 
@@ -113,7 +113,7 @@ def girsanov_log_ratio(g: Tensor, xi: Tensor, noise_std: float, kappa: float) ->
     """``log K_ref(z' | z) / K_g(z' | z) = kappa V sqrt(dt) g.xi - kappa^2 V^2 dt |g|^2 / 2`` per particle.
 
     g, xi: (P, ...) the proposal gradient and the move's standard normal noise; ``noise_std = V sqrt(dt)``.
-    Returns (P,) float64 (afdps.md App. B: the proposal mean is the reference mean minus ``kappa V^2 dt g``).
+    Returns (P,) float64 (the proposal mean is the reference mean minus ``kappa V^2 dt g``).
     """
     g64 = g.reshape(g.shape[0], -1).to(torch.float64)
     xi64 = xi.reshape(xi.shape[0], -1).to(torch.float64)
@@ -122,14 +122,14 @@ def girsanov_log_ratio(g: Tensor, xi: Tensor, noise_std: float, kappa: float) ->
 
 
 def clipped_kappa(kappa: float, clip: float | None, dt: float, v2: float, lipschitz: float) -> float:
-    """``min(kappa, clip / (dt V^2 L))`` (afdps.md §2.5 stiffness remedy ii); ``kappa`` without a clip."""
+    """``min(kappa, clip / (dt V^2 L))`` (stiffness clip); ``kappa`` without a clip."""
     if clip is None or dt * v2 * lipschitz <= 0:
         return kappa
     return min(kappa, clip / (dt * v2 * lipschitz))
 
 
 def langevin_step_size(sigma: float, lipschitz: float, delta: float) -> float:
-    """ULA step ``h = min(delta s^2, 0.25 / (Lip + 1 / s^2))`` at level ``s > 0`` (afdps.md §2.5)."""
+    """ULA step ``h = min(delta s^2, 0.25 / (Lip + 1 / s^2))`` at level ``s > 0``."""
     return min(delta * sigma**2, 0.25 / (lipschitz + 1.0 / sigma**2))
 
 

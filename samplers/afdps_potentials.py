@@ -10,7 +10,7 @@ with the :class:`Potential` methods, built once per run; the sampling loop (``af
   stop-gradient surrogate
   ``g = c_s J_D^T A^T (A D(z0_hat) - y) / tau_s^2``, ``c_s = (1 - s) / ((1 - s)^2 + s^2)``: one decoder
   forward + VJP at ``z0_hat`` per particle and step, no back-propagation through the denoiser.
-* :class:`LatentNoisedPotential` (``"noised"`` with a decoder; afdps.md §2.6, the paper-faithful VE form):
+* :class:`LatentNoisedPotential` (``"noised"`` with a decoder; the paper-faithful VE form):
   ``mu_s(z) = ||y - A D(z / (1 - s))||^2 / (2 (sigma_y^2 + gamma^2 (s / (1 - s))^2))`` for ``s < 1`` and
   ``mu := 0`` at ``s = 1`` (plain noise needs no weights). Exact gradient ``(1 / (1 - s)) J_D^T A^T r / tau^2``:
   one decoder forward + VJP at ``z / (1 - s)``, no back-propagation through the denoiser. Decoding noisy latents

@@ -2,12 +2,12 @@
 
 They plug into the same loop (:func:`~.afdps.sample_afdps`) through the same protocols as the product path
 (:class:`~.afdps_potentials.Potential`, :class:`~.afdps_moves.Weighting`); ``AFDPSConfig`` selects them by name.
-All are for pixel space (``decode=None``) with a linear ``A`` (afdps.md §2.4-2.5):
+All are for pixel space (``decode=None``) with a linear ``A``:
 
 * :class:`PixelNoisedPotential` (``potential="noised"`` without a decoder):
   ``mu_s(x) = ||(1 - s) y - A x||^2 / (2 tau_s^2)``, ``tau_s^2 = (1 - s)^2 sigma_y^2 + gamma^2 s^2``, exact
   gradient ``g = A^T (A x - (1 - s) y) / tau_s^2``. Its first-level potential is not 0: the initial noise is
-  importance-weighted by ``exp(-mu_{s_0})`` (afdps.md samples that Gaussian Stage-I law exactly instead; the
+  importance-weighted by ``exp(-mu_{s_0})`` (one could sample that Gaussian first-level law exactly instead; the
   weights are exact too, but degenerate when ``A`` has many rows, so prefer ``"tweedie"`` for images).
 * :class:`ReactionRateWeights` (``weights="W1"``): the paper's weights, ``log w += dt r(z)`` with the reaction
   rate ``r = (kappa - 1/2) V^2 |g|^2 - c_H.g + (1 - kappa) V^2 grad log p_s.g + d mu_s / ds``
@@ -72,7 +72,7 @@ class PixelNoisedPotential(MeasurementPotential):
 
 def reaction_rate(g: Tensor, z: Tensor, z0_hat: Tensor, sigma: float, v2: float, kappa: float,
                   dmu_ds: Tensor) -> Tensor:
-    """W1 log-weight rate per unit reverse time (afdps.md §2.4), without the Laplacian term:
+    """W1 log-weight rate per unit reverse time, without the Laplacian term:
 
     ``(kappa - 1/2) V^2 |g|^2 + (v + (V^2 / 2s) eps_hat).g - (1 - kappa) V^2 (eps_hat / s).g + d mu_s / ds``
 

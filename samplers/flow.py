@@ -2,7 +2,7 @@
 
 ``z_s = (1 - s) z0 + s eps`` with ``s`` ("sigma") in [0, 1], ``s = 1`` pure noise, ``s = 0`` data, and the
 velocity ``v = eps - z0``. A network predicts ``v ~ E[eps - z0 | z_s]``; ComfyUI's model call returns the
-x0 estimate ``z0_hat = z - s v`` instead. The estimates follow from each other (flowdps.md §1, afdps.md §2.1):
+x0 estimate ``z0_hat = z - s v`` instead. The estimates follow from each other (FlowDPS paper, Section 1):
 
     z0_hat = z - s v          eps_hat = z + (1 - s) v          v = (z - z0_hat) / s
 

@@ -1,7 +1,7 @@
 """FlowDPS and FlowChef: one sampling loop, with the data-consistency rule as a parameter (its config).
 
 FlowDPS (Kim, Kim & Ye, ICCV 2025, arXiv 2503.08136; official ``sd3_sampler.py``), per step ``s -> s'``
-(flowdps.md §2):
+(the paper's Section 2):
 
     z0 = denoise(z, s);   z1 = z + (1 - s) v = (z - (1 - s) z0) / s              (noise estimate)
     u = z0;  repeat K = 3 times:  u = u - step_size * grad_u loss(u)             (data consistency)

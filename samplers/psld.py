@@ -1,4 +1,4 @@
-"""PSLD as the FlowDPS repository runs it: a data-consistency rule of the shared loop (flowdps.md §2).
+"""PSLD as the FlowDPS repository runs it: a data-consistency rule of the shared loop (FlowDPS paper, Section 2).
 
 PSLD (Rout et al., "Solving linear inverse problems provably via posterior sampling with latent diffusion
 models", NeurIPS 2023) in the rectified-flow form of the FlowDPS repository's baseline. Per step ``s -> s'``:

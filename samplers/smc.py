@@ -1,14 +1,14 @@
 """Sequential Monte Carlo helpers: log-weights, effective sample size, resampling, evidence (pure PyTorch).
 
 Particles live on the batch axis: ``P`` particles ``z: (P, ...)`` carry log-weights ``logw: (P,)``. All
-log-weight arithmetic is done in float64 (half precision makes ``sum w^2`` underflow and the ESS meaningless,
-afdps.md §2.7). Conventions:
+log-weight arithmetic is done in float64 (half precision makes ``sum w^2`` underflow and the ESS meaningless).
+Conventions:
 
 * *normalised* log-weights satisfy ``logsumexp(logw) = 0`` (the weights ``exp(logw)`` sum to 1);
 * a particle whose log-weight (or state) is not finite is *quarantined*: its log-weight is ``-inf``, so it has
   weight 0 and no resampling scheme ever selects it;
 * the evidence (log normalising constant) is accumulated as ``log Z += logsumexp(logw_prev + incr)`` with
-  normalised ``logw_prev``, before the weights are renormalised (afdps.md §2.7). After resampling the
+  normalised ``logw_prev``, before the weights are renormalised . After resampling the
   weights are uniform (``-log P``), so the estimate is unaffected by when resampling happens.
 
 Typical step::

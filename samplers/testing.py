@@ -1,6 +1,6 @@
 """Exact test problems: a Gaussian-mixture prior with its closed-form rectified-flow denoiser and posterior.
 
-For ``p0 = sum_k pi_k N(m_k, S_k)`` and ``z_s = (1 - s) z0 + s eps`` (afdps.md §4.1):
+For ``p0 = sum_k pi_k N(m_k, S_k)`` and ``z_s = (1 - s) z0 + s eps``:
 
     p_s = sum_k pi_k N((1 - s) m_k, C_k(s)),      C_k(s) = (1 - s)^2 S_k + s^2 I
     E[z0 | z_s = x] = sum_k w_k(x, s) (m_k + (1 - s) S_k C_k^{-1} (x - (1 - s) m_k)),  w_k ∝ pi_k N(x; ...)

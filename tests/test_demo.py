@@ -53,7 +53,10 @@ def test_workflow_widgets_and_links_match_the_real_node_info(comfy, workflow):
         "FlowDPSPseudoInverse", "SaveImage", "PreviewImage", "MarkdownNote"}
     for node in nodes.values():
         if node["type"] == "MarkdownNote":
-            assert "x12 at 768" in node["widgets_values"][0]
+            note = node["widgets_values"][0]
+            assert "Run" in note
+            assert "upscale factor" in note
+            assert "make " not in note
             continue
         specs = _widget_specs(info(node["type"]))
         expected = len(specs) + sum(bool(opts.get("control_after_generate")) for _, opts in specs)
@@ -79,7 +82,7 @@ def test_workflow_converts_with_the_papers_defaults(comfy, workflow):
     assert prompt[ids.negative]["inputs"]["text"] == ""
     assert prompt[ids.operator]["inputs"] == {"factor": 4}
     assert prompt[ids.pseudo_inverse]["inputs"]["measurement"] == [ids.measurement, 0]
-    assert prompt[ids.measurement]["inputs"] == {"image": "measurement.png"}
+    assert prompt[ids.measurement]["inputs"] == {"image": "photo.png"}
 
     # As shipped, ComfyUI's validation refuses only the two files a user supplies.
     import execution

@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
 from flowdps_dev import demo, make_workflows
-from flowdps_dev.make_workflows import Link, Node, Workflow, build, groups, rendered, stale
+from flowdps_dev.make_workflows import (
+    Link,
+    Node,
+    Workflow,
+    all_workflows,
+    build,
+    check_layout,
+    rendered,
+    stale,
+)
 from flowdps_dev.workflow_convert import ui_to_api
 
 pytestmark = pytest.mark.comfy
@@ -25,7 +35,7 @@ def test_shipped_workflows_and_their_table_are_up_to_date(node_info):
 
 
 def small(*nodes: Node, links: tuple[Link, ...] = ()) -> Workflow:
-    return Workflow("t", 1, nodes, links, groups(480), task="t", sampler="s", inputs="i")
+    return Workflow("t", 1, nodes, links, (), task="t", sampler="s", inputs="i")
 
 
 def test_widget_values_follow_the_schema_order_with_the_seed_control_value(node_info):
@@ -72,3 +82,19 @@ def test_links_and_execution_order_are_consistent(node_info):
     assert order["SaveImage"] > order["VAEDecode"] > max(order["EmptySD3LatentImage"], order["CheckpointLoaderSimple"])
     assert data["links"][0] == [1, 2, 0, 1, 0, "IMAGE"]  # decode (id 2) IMAGE -> save (id 1) images
     assert ui_to_api(data, node_info)["2"]["inputs"] == {"samples": ["3", 0], "vae": ["4", 2]}
+
+
+def test_every_shipped_layout_is_readable():
+    """No overlaps (title bar and badge included), everything to set before Run on screen at 80 % zoom."""
+    assert [p for w in all_workflows() for p in check_layout(w)] == []
+
+
+def test_the_layout_check_finds_overlaps_hidden_settings_and_a_low_zoom():
+    base = all_workflows()[0]
+    restore = next(n for n in base.nodes if n.type == "FlowDPSRestore")
+    moved = replace(restore, pos=(restore.pos[0], restore.pos[1] - 40))      # its badge now covers the prompt
+    nodes = tuple(moved if n is restore else n for n in base.nodes)
+    assert any("overlap" in p for p in check_layout(replace(base, nodes=nodes)))
+    off = tuple(replace(n, pos=(n.pos[0] + 2000, n.pos[1])) if n is restore else n for n in base.nodes)
+    assert any("restore (FlowDPSRestore) is off screen at 1366x768" in p for p in check_layout(replace(base, nodes=off)))
+    assert any("below 80 %" in p for p in check_layout(replace(base, view=(0.5, (0, 0)))))

@@ -65,6 +65,34 @@ def test_pyproject_metadata():
     assert {"comfy", "browser", "slow"} <= markers
 
 
+def test_registry_icon_is_a_small_picture_of_this_repository():
+    """[tool.comfy] Icon is the raw URL of a small square picture that the repository itself holds."""
+    meta = pyproject()
+    repo = meta["project"]["urls"]["Repository"].removeprefix("https://github.com/")
+    prefix = f"https://raw.githubusercontent.com/{repo}/main/"
+    icon = meta["tool"]["comfy"]["Icon"]
+    assert icon.startswith(prefix), icon
+    path = ROOT / icon.removeprefix(prefix)
+    assert path.is_file(), path
+    assert path.stat().st_size < 100_000
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    assert width == height
+    assert 128 <= width <= 512
+
+
+def test_publish_workflow_runs_on_main_when_pyproject_changes_and_not_in_ci():
+    text = (ROOT / ".github" / "workflows" / "publish.yml").read_text()
+    assert "Comfy-Org/publish-node-action@v1" in text
+    assert "secrets.REGISTRY_ACCESS_TOKEN" in text
+    on = text[text.index("\non:"):text.index("\njobs:")]
+    assert "- main" in on
+    assert '- "pyproject.toml"' in on
+    assert "pull_request" not in on
+    assert "publish" not in (ROOT / ".ci" / "run").read_text().lower()
+
+
 def _package_key(name: str) -> str:
     """A requirement's name as pip compares it (PEP 503: case and runs of -_. do not matter)."""
     return "-".join(name.lower().replace("_", "-").replace(".", "-").split("-"))

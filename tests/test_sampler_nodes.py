@@ -114,6 +114,7 @@ def test_restore_node_derives_the_output_size(comfy, method):
     assert result.image_files("save")
 
 
-def test_restore_node_crops_to_a_multiple_of_16(comfy):
+def test_restore_node_pads_to_a_multiple_of_16_and_crops_back(comfy):
     result = comfy.run(restore_graph(20), fresh=True).raise_for_error()
-    assert tuple(result.output("restore").shape) == (1, 32, 32, 3)  # 20 -> 16 (x2 = 32)
+    assert tuple(result.output("restore").shape) == (1, 40, 40, 3)  # 20 -> 24 (x2 = 48) -> cropped to 2 x 20
+    assert tuple(result.output("restore", 1)["samples"].shape) == (1, 16, 6, 6)  # the sampled (padded) latent

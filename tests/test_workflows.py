@@ -1,7 +1,8 @@
-"""Every shipped workflow (``workflows/*.json``) against the real node info of ComfyUI and the pack.
+"""Every shipped workflow (``example_workflows/*.json`` and ``more/``) against the real node info of ComfyUI and the
+pack.
 
-For each file: the editor structure (groups, a note), widget counts and link types as the editor would store
-them for the real schemas; ``ui_to_api`` + ComfyUI's ``validate_prompt`` once the user-supplied files are
+For each file: the editor structure (numbered groups, a note, a stored view), widget counts and link types as the
+editor would store them for the real schemas; ``ui_to_api`` + ComfyUI's ``validate_prompt`` once the user-supplied files are
 substituted; a headless 1-step run at 64 px with the tiny checkpoint; and the paper's settings on the main
 sampler node. New workflow files are picked up automatically.
 """
@@ -33,7 +34,8 @@ from flowdps_dev.workflow_fixtures import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
+FOLDER = ROOT / "example_workflows"
+WORKFLOWS = [*sorted(FOLDER.glob("*.json")), *sorted((FOLDER / "more").glob("*.json"))]
 CHECKPOINT = "sd3_medium_incl_clips.safetensors"
 MAIN_SAMPLERS = ("FlowDPSRestore", "AFDPSRestore", "FlowDPSSampler", "AFDPSSampler", "FlowChefSampler")
 IMAGE_OUTPUTS = ("FlowDPSRestore", "AFDPSRestore", "FlowDPSPseudoInverse", "VAEDecode")
@@ -86,29 +88,46 @@ def expected_widget_count(node_info, class_type: str) -> int:
     return count + (class_type == "LoadImage")
 
 
-@pytest.fixture(params=WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
+@pytest.fixture(params=WORKFLOWS, ids=[p.relative_to(FOLDER).with_suffix("").as_posix() for p in WORKFLOWS])
 def workflow(request) -> dict:
     return load(request.param)
 
 
 def test_every_workflow_is_listed_in_the_readme():
-    readme = (ROOT / "workflows" / "README.md").read_text(encoding="utf-8")
+    readme = (FOLDER / "README.md").read_text(encoding="utf-8")
     assert len(WORKFLOWS) >= 6
     for path in WORKFLOWS:
-        assert f"`{path.name}`" in readme, path.name
+        assert f"`{path.relative_to(FOLDER).as_posix()}`" in readme, path.name
+
+
+def test_the_template_folder_holds_one_workflow_per_task_each_with_its_picture():
+    listed = sorted(FOLDER.glob("*.json"))
+    assert 6 <= len(listed) <= 9
+    assert [p.stem.split(" - ")[0] for p in listed] == [str(i) for i in range(1, len(listed) + 1)]
+    for path in listed:
+        picture = path.with_suffix(".jpg")
+        assert picture.is_file(), picture.name
+        assert picture.stat().st_size < 100_000, picture.name
+        with Image.open(picture) as im:
+            assert im.format == "JPEG"
+            assert im.size == (400, 400)
+    assert not list(FOLDER.glob("*/*.jpg")), "pictures only for the listed workflows"
 
 
 def test_structure_widgets_and_links_match_the_real_node_info(comfy, node_info, workflow):
     assert workflow["version"] == 0.4
     assert {"nodes", "links", "groups", "config", "extra"} <= set(workflow)
-    assert {g["title"] for g in workflow["groups"]} == {"prior", "measurement", "posterior sampler"}
+    titles = [g["title"] for g in workflow["groups"]]
+    assert [t[:3] for t in titles[:4]] == ["1  ", "2  ", "3  ", "4  "], titles  # the steps, left to right
+    assert workflow["extra"]["ds"]["scale"] >= 0.8
     nodes = {n["id"]: n for n in workflow["nodes"]}
     assert len(nodes) == len(workflow["nodes"])
     assert workflow["last_node_id"] >= max(nodes)
     assert workflow["last_link_id"] >= max(link[0] for link in workflow["links"])
     notes = [n for n in nodes.values() if n["type"] == "MarkdownNote"]
     assert len(notes) == 1
-    assert notes[0]["widgets_values"][0].startswith("## ")
+    assert notes[0]["widgets_values"][0].startswith("# ")
+    assert all(line.startswith("#") for line in notes[0]["widgets_values"][0].splitlines() if line)
     assert sum(n["type"] == "FlowDPSPseudoInverse" for n in nodes.values()) == 1
     for node in nodes.values():
         if node["type"] in VIRTUAL_NODES:
@@ -154,9 +173,12 @@ def test_main_sampler_has_the_papers_defaults(node_info, workflow):
         assert prompt[only(prompt, "CFGGuider")]["inputs"]["cfg"] == PAPER_SAMPLING["cfg"]
         sigmas = prompt[only(prompt, "FlowDPSSigmas")]["inputs"]
         assert sigmas["steps"] == 28                        # the official grid, 28 steps
-        latent = prompt[only(prompt, "EmptySD3LatentImage")]["inputs"]
-        factor = prompt[only(prompt, *SR_OPERATORS)]["inputs"]["factor"]
-        assert (latent["width"], latent["height"]) == (64 * factor, 64 * factor)  # for the note's 64 px photo
+        # the latent is sized from the photo and the operator, and the result cropped back: nothing by hand
+        latent = prompt[only(prompt, "FlowDPSLatentForMeasurement")]["inputs"]
+        assert latent["measurement"] == prompt[main]["inputs"]["measurement"]
+        assert latent["operator"] == prompt[main]["inputs"]["operator"]
+        assert not of_type(prompt, "EmptySD3LatentImage", "EmptyLatentImage")
+        assert of_type(prompt, "FlowDPSCropToResult")
     texts = {prompt[k]["inputs"]["text"] for k in of_type(prompt, "CLIPTextEncode")}
     if family == "flux":  # guidance-distilled: FluxGuidance on the prompt, the negative is unused (CFG 1)
         assert texts == {"a high quality photo"}
@@ -169,10 +191,10 @@ def test_main_sampler_has_the_papers_defaults(node_info, workflow):
         checkpoint = {"sd3": CHECKPOINT, "sd35": "sd3.5_medium.safetensors"}[family]
         assert prompt[only(prompt, "CheckpointLoaderSimple")]["inputs"] == {"ckpt_name": checkpoint}
     if of_type(prompt, "FlowDPSSimulateMeasurement"):  # starts from a clean photo
-        assert {prompt[k]["inputs"]["image"] for k in of_type(prompt, "LoadImage")} == {"clean.png"}
+        assert {prompt[k]["inputs"]["image"] for k in of_type(prompt, "LoadImage")} == {"clean_photo.png"}
         assert prompt[only(prompt, "FlowDPSSimulateMeasurement")]["inputs"]["sigma_y"] == PAPER_FLOWDPS["sigma_y"]
     else:
-        assert {prompt[k]["inputs"]["image"] for k in of_type(prompt, "LoadImage")} == {"measurement.png"}
+        assert {prompt[k]["inputs"]["image"] for k in of_type(prompt, "LoadImage")} == {"photo.png"}
     for node_id in of_type(prompt, *SR_OPERATORS):
         assert prompt[node_id]["inputs"]["factor"] in (4, 12)
 
@@ -232,3 +254,9 @@ def test_runs_one_step_with_the_tiny_checkpoint(comfy, node_info, workflow):
         expected = np.zeros((size, size), np.float32)
         expected[BOX] = 1
         np.testing.assert_array_equal(result.output(node_id, 1)[0].numpy(), expected)  # its MASK output
+    for node_id in of_type(prompt, "FlowDPSOperatorBoxInpaintRelative"):  # the middle quarter of any photo
+        inputs = prompt[node_id]["inputs"]
+        assert (inputs["box_left"], inputs["box_top"], inputs["box_width"], inputs["box_height"]) == (0.25,) * 2 + (0.5,) * 2
+        expected = np.zeros((size, size), np.float32)
+        expected[size // 4: 3 * size // 4, size // 4: 3 * size // 4] = 1
+        np.testing.assert_array_equal(result.output(node_id, 1)[0].numpy(), expected)

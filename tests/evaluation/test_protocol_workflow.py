@@ -49,7 +49,7 @@ def test_list_images_errors(tmp_path):
 
 
 def api_superres() -> dict:
-    """The API form of workflows/flowdps_sd3_superres_x4.json (as ui_to_api gives it)."""
+    """The API form of "example_workflows/1 - Upscale a photo 4x (SD3).json" (as ui_to_api gives it)."""
     return {
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "sd3_medium_incl_clips.safetensors"}},
         "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "a photo", "clip": ["1", 1]}},

@@ -36,9 +36,9 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def test_config_defaults_are_the_recommended_configuration():
-    """afdps.md 'Recommended configuration at a glance' for the moves, weights and resampling; issue 17 (measured
-    on the exact image problems, docs/afdps_posterior_outputs.md): the run ends on the denoised estimate followed
-    by one data-consistency step."""
+    """The recommended configuration for the moves, weights and resampling; measured on the exact image problems
+    (docs/afdps_posterior_outputs.md): the run ends on the denoised estimate followed by one data-consistency
+    step."""
     c = AFDPSConfig()
     assert (c.potential, c.weights, c.eta_v, c.kappa) == ("tweedie", "W2", 1.0, 1.0)
     assert (c.resample_threshold, c.resampling) == (0.5, "systematic")
@@ -89,7 +89,7 @@ def test_scalar_pieces():
 @pytest.mark.parametrize("sigma", [1.0, 0.7, 0.05])
 @pytest.mark.parametrize("eta_v", [0.0, 1.0, 0.4])
 def test_reference_mean_is_euler_maruyama_of_c_H(sigma, eta_v):
-    """m_ref = z + dt c_H with c_H = -v - (V^2 / 2s) eps_hat (afdps.md §2.2), V^2 = 2 eta_v s."""
+    """m_ref = z + dt c_H with c_H = -v - (V^2 / 2s) eps_hat, V^2 = 2 eta_v s."""
     g = torch.Generator().manual_seed(0)
     z, z0 = torch.randn(2, 5, 3, generator=g, dtype=torch.float64)
     dt = 0.03

@@ -1,6 +1,6 @@
-"""AFDPS-SDE against exact posteriors: Gaussian-mixture priors with their closed-form denoiser (afdps.md §4).
+"""AFDPS-SDE against exact posteriors: Gaussian-mixture priors with their closed-form denoiser.
 
-The two instances of afdps.md §4.3 (``samplers.testing.gmm_instance``, from ``tests/data/gmm_instances.json``):
+The two test instances (``samplers.testing.gmm_instance``, from ``tests/data/gmm_instances.json``):
 d = 2 (3 components, A = [0, 1], sigma_y = 0.25) and d = 8 (4 components, A in R^{3x8}, sigma_y = 0.2, stored
 as its numpy generator draws it, which is checked here, and checked against the published numbers). Protocol of §4.2/§4.4: P = 4000 particles, shift-3 grid, the
 recommended configuration (tweedie potential, W2 weights, V^2 = 2s, systematic resampling at ESS < 0.5 P),
@@ -12,8 +12,9 @@ recommended configuration (tweedie potential, W2 weights, V^2 = 2s, systematic r
   against the floor of two independent exact sample sets of the same size;
 * the evidence estimate against the exact ``log p(y)``.
 
-Measured values (5 seeds, mean +- sd, with the default ending since issue 17; afdps.md §4.4 "SDE, W2, tweedie"
-K = 50 in brackets) are in the comments next to each bound; the bounds are the measured values with a margin, and never looser than the
+Measured values (5 seeds, mean +- sd, with the default ending; reference values for "SDE, W2, tweedie" at
+K = 50 in brackets) are in the comments next to each bound; the bounds are the measured values with a margin, and
+never looser than the
 acceptance levels of §4.2 (modes within 0.02, SW2 <= 2x floor, covariance <= 0.05 (d = 2) / 0.2 (d = 8)).
 """
 
@@ -38,7 +39,7 @@ P = 4000
 SEEDS = tuple(range(5))
 INSTANCES = ("d2", "d8")
 SMC = {"resample_threshold": 0.5}
-"""afdps.md's SMC setting (resample when ESS < P / 2, the config default), which these exactness checks are about;
+"""The SMC setting (resample when ESS < P / 2, the config default), which these exactness checks are about;
 for images the nodes should pass 0 (no resampling: there the weights collapse and resampling only clones,
 docs/afdps_posterior_outputs.md), whose low-dimensional behaviour test_without_resampling_d8 checks. Every run
 here ends with the default final step (the denoised estimate, then the data-consistency step);
@@ -237,7 +238,7 @@ def test_unweighted_guided_dynamics_are_biased_on_d8():
     """The same guided SDE without weights (weights='none') is far from the posterior on d = 8.
 
     measured: mean err 2.36 (weighted 0.030), SW2 1.15 vs floor 0.031, modes 0.451/0.327/... vs 0.958/0.042
-    (afdps.md §4.4 for the 'noised' family: 2.38, 1.18, 0.451/0.337).
+    (reference values for the 'noised' family: 2.38, 1.18, 0.451/0.337).
     """
     m = evaluate("d8", 50, seeds=SEEDS[:2], weights="none")
     weighted = evaluate("d8", 50)
@@ -272,7 +273,7 @@ def test_exact_variants(name, options, bounds):
     0.089]; d = 8 with gamma^2 = 1 as in §4.4: 0.963/0.037 (+-0.013), 0.106, 0.221, 0.091 [0.963/0.037, 0.118,
     0.200, 0.087]. (With the default gamma^2 = ||A||_F^2 / m = 0.64 the ODE variant's d = 8 covariance error
     is 0.35, one seed 0.75; two ULA steps bring it to 0.14.) W1 and ODE on d = 8 are at 2.3-3.2x the SW2 floor,
-    as in afdps.md §4.4 at K = 50 (2.5x and 2.8x), so their bound is 3.5x instead of §4.2's 2x.
+    as measured at K = 50 (2.5x and 2.8x), so their bound is 3.5x instead of 2x.
     """
     sw_factor, cov_bound, mean_bound = bounds
     m = evaluate(name, 50, **options)

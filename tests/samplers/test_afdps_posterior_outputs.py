@@ -267,7 +267,7 @@ def test_the_map_says_what_it_is():
 
 def test_a_collapsed_run_is_flagged_only_when_it_resampled():
     """The 64 px latent box problem: the weights collapse (ESS 1 of 8). Without resampling the chains stay
-    independent (a calibrated plain spread); with afdps.md's resampling they share ancestors (flagged), and
+    independent (a calibrated plain spread); with SMC resampling they share ancestors (flagged), and
     their spread is far too small (measured calib 0.02-0.04 in the hole, benchmarks/results)."""
     problem, obs, _, std, known = box_problem("latent-box")
     for threshold in (0.0, 0.5):

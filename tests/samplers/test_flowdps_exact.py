@@ -89,7 +89,7 @@ def test_closed_forms_match_published_values():
     torch.testing.assert_close(post.weights, torch.tensor(D2_POST["pis"], dtype=torch.float64), atol=1e-4, rtol=0)
     torch.testing.assert_close(post.mean(), torch.tensor(D2_POST["mean"], dtype=torch.float64), atol=1e-4, rtol=0)
     torch.testing.assert_close(post.cov(), torch.tensor(D2_POST["cov"], dtype=torch.float64), atol=1e-4, rtol=0)
-    # afdps.md §4.3 spot values of x0_hat(x, s)
+    # spot values of x0_hat(x, s)
     for s, x, x0 in [(0.9, (0.3, -0.2), (-0.275110, 0.469513)), (0.5, (1.0, 1.0), (1.413046, 1.334636)),
                      (0.1, (-1.5, 0.4), (-1.672868, 0.428863))]:
         out = D2.denoise(torch.tensor([x], dtype=torch.float64), torch.tensor([s], dtype=torch.float64))

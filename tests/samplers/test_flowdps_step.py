@@ -1,4 +1,4 @@
-"""One step of the core against the published updates (flowdps.md §2), computed by hand.
+"""One step of the core against the published updates, computed by hand.
 
 FlowDPS: z0 = z - s v, z1 = z + (1 - s) v; u = z0, K times u -= eta * grad loss(u); z0_y = (1 - s) z0 + s u;
 n = sqrt(s') z1 + sqrt(1 - s') xi; z' = (1 - s') z0_y + s' n.

@@ -1,4 +1,4 @@
-"""The whole sampler under torch.inference_mode(), as ComfyUI runs every node (style.md §3.3.6).
+"""The whole sampler under torch.inference_mode(), as ComfyUI runs every node.
 
 The "VAE decoder" is a conv built inside inference mode, so its weights are inference tensors like those of
 a VAE loaded by ComfyUI, and autograd refuses to save them for backward. A node therefore makes a private

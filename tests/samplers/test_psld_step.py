@@ -1,4 +1,4 @@
-"""One PSLD step against the published update (flowdps.md §2), computed by hand on linear models.
+"""One PSLD step against the published update, computed by hand on linear models.
 
 The "transformer" is linear, ``z0 = a(s) M z + b``, so its Jacobian ``a(s) M`` is known; the decoder ``D``,
 the encoder ``E``, the operator ``A`` and ``P`` are matrices. With ``x = D z0``, ``r = A x - y`` and

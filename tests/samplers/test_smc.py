@@ -89,7 +89,7 @@ def test_resampling_reproducible_with_a_seed(scheme):
 
 def test_systematic_counts_are_floor_or_ceil():
     """Systematic resampling picks particle i floor(n w_i) or ceil(n w_i) times, and [.5, .25, .125, .125]
-    gives [0, 0, 1, 2] or [0, 0, 1, 3] (style.md §3.3.5 quotes the latter)."""
+    gives [0, 0, 1, 2] or [0, 0, 1, 3]."""
     g = torch.Generator().manual_seed(0)
     for seed in range(20):
         logw = random_log_weights(30, seed)
