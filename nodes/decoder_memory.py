@@ -45,9 +45,10 @@ separately)."""
 TILED_BAND_PIXELS = 1 << 16
 """Pixels per band of the tiled mode at the resolution of each unit (its graph: a few KB per pixel)."""
 
-TILED_BAND_BYTES_PER_PIXEL = 6 * 4 * 128
-"""Bytes per band pixel of one band's graph in the tiled mode (about six float32 maps of the 8x level's 128
-channels), added to the tiled estimate."""
+TILED_BAND_BYTES_PER_PIXEL = 12 * 1024
+"""Bytes per band pixel of one band's graph in the tiled mode (float32, the SD3 VAE's 128 channels at the
+output level; measured about 14 KB per pixel at 256 px with the whole output level in one band, less with
+more bands), added to the tiled estimate for ``min(band, image)`` pixels."""
 
 FULL_FALLBACK_FACTOR = 4.0
 """For decoders without a structural estimate (TAESD): the gradient's activations as a multiple of ComfyUI's
@@ -86,7 +87,10 @@ def activation_bytes(decoder: torch.nn.Module, mode: str, latent_shape: tuple[in
     base = boundary_bytes(decoder, latent_shape, element_size)
     estimate = ACTIVATION_FACTOR[mode] * base
     if mode == "tiled":
-        estimate += TILED_BAND_PIXELS * TILED_BAND_BYTES_PER_PIXEL * latent_shape[0] * element_size / 4
+        b, _, h, w = latent_shape
+        scale = decoder_units(decoder)[-1].source.scale
+        band = min(TILED_BAND_PIXELS, h * w * scale * scale)
+        estimate += band * TILED_BAND_BYTES_PER_PIXEL * b * element_size / 4
     return int(estimate)
 
 
