@@ -184,7 +184,8 @@ class AFDPSEnsembleSampler(comfy.samplers.Sampler):
 
         self.results = []
         outputs = []
-        with decoder_copy(self.problem, flow, device, (self.decoder_batch, *noise.shape[1:]), "AFDPS") as decoder:
+        with decoder_copy(self.problem, flow, device, (self.decoder_batch, *noise.shape[1:]), "AFDPS",
+                          keep=getattr(comfy_parts(model_wrap)[0], "model_patcher", None)) as decoder:
             op, y_all = self.problem.on(device)
             for item in range(noise.shape[0]):
                 y = y_all[item if y_all.shape[0] > 1 else 0][None]

@@ -332,15 +332,16 @@ def plan_decoder_memory(problem: RestorationProblem, latent_shape: tuple[int, ..
 
 @contextlib.contextmanager
 def decoder_copy(problem: RestorationProblem, flow: FlowModel, device: torch.device, latent_shape: tuple[int, ...],
-                 node: str = "FlowDPS") -> Iterator[GradDecoder]:
+                 node: str = "FlowDPS", keep: Any = None) -> Iterator[GradDecoder]:
     """The run's private float32 decoder copy (model-space latents in) in the memory mode
     :func:`plan_decoder_memory` picks for one decoder call on ``latent_shape``, with room made for it on a GPU:
-    its weights and one gradient's activations. Checks ComfyUI's interrupt between the bounded modes' blocks."""
+    its weights and one gradient's activations (``keep``: the model patcher being sampled, never offloaded for
+    it). Checks ComfyUI's interrupt between the bounded modes' blocks."""
     vae = problem.vae
     if device.type != "cpu":   # ask for what the requested mode ("auto": full) needs, then decide on what is free
         wanted = plan_memory(problem.memory, vae.first_stage_model, tuple(latent_shape), None,
                              fallback_bytes=_fallback_bytes(vae, latent_shape))
-        make_room(decoder_weight_bytes(vae) + wanted.estimate, device)
+        make_room(decoder_weight_bytes(vae) + wanted.estimate, device, keep=keep)
     plan = plan_decoder_memory(problem, latent_shape, device, node)
     with released(GradDecoder(vae, flow.process_latent_out, device=device, memory=plan.mode,
                               interrupt=mm.throw_exception_if_processing_interrupted)) as decoder:
@@ -473,7 +474,8 @@ def sample_posterior(model, x, sigmas, extra_args=None, callback=None, disable=N
         flow = flow_model(comfy_parts(model)[1], problem.vae, name)
     problem.check_fits(x.shape)
     check_model_size(comfy_parts(model)[1], tuple(x.shape), problem.image_shape(x.shape)[2] // x.shape[2], "FlowDPS")
-    with decoder_copy(problem, flow, x.device, tuple(x.shape), "FlowDPS") as decoder:
+    with decoder_copy(problem, flow, x.device, tuple(x.shape), "FlowDPS",
+                      keep=getattr(comfy_parts(model)[0], "model_patcher", None)) as decoder:
         op, y = problem.on(x.device)
         data_loss = measurement_loss(decoder, op.forward, y, project=projection(op, problem.residual),
                                      norm=problem.norm, sigma_y=problem.sigma_y)

@@ -47,7 +47,8 @@ about 2.4 KB with the 8x level recomputed (2048 px: 9.6 GiB), against 30 KB for 
 
 **Cost.** The forward pass recomputes the first convolution of each block once more (its output is needed
 for the statistics before the block's output can be formed) and the backward pass runs every unit forward
-again inside its bands: on 2 CPU cores about 1.3-1.5x the time of plain autograd (benchmarks/README.md).
+again inside its bands: on 2 CPU cores 2.3x the time of plain autograd at 256 px and 1.9x that of the
+checkpointed mode at 512 px (benchmarks/README.md).
 """
 
 from __future__ import annotations
