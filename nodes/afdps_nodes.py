@@ -28,6 +28,7 @@ from .bridge import (
     FlowModel,
     RestorationProblem,
     RestoreRun,
+    check_model_size,
     comfy_parts,
     decoder_copy,
     denoiser,
@@ -40,10 +41,12 @@ from .bridge import (
 from .common import (
     CATEGORY_ROOT,
     CATEGORY_SAMPLERS,
+    DEFAULT_MEMORY,
     FLOWDPS_SCHEDULER,
     RESTORE_VAE_TOOLTIP,
     Operator,
     cfg_shift_inputs,
+    memory_input,
     restore_inputs,
     scheduler_input,
 )
@@ -141,10 +144,10 @@ def make_config(eta: float, kappa: float, ess_threshold: float, chunk_size: int,
                            kappa_clip=None if ode or kappa_clip == 0 else float(kappa_clip))
 
 
-def make_afdps_problem(vae, operator, measurement, sigma_y: float) -> RestorationProblem:
+def make_afdps_problem(vae, operator, measurement, sigma_y: float, memory: str = DEFAULT_MEMORY) -> RestorationProblem:
     """The measurement in the operator's space with AFDPS's Gaussian likelihood: ``||y - A x||^2 / (2 sigma_y^2)``,
     sigma_y (> 0) on the [-1, 1] scale."""
-    return RestorationProblem.from_inputs(vae, operator, measurement, "measurement", "squared", sigma_y)
+    return RestorationProblem.from_inputs(vae, operator, measurement, "measurement", "squared", sigma_y, memory)
 
 
 class AFDPSEnsembleSampler(comfy.samplers.Sampler):
@@ -169,6 +172,11 @@ class AFDPSEnsembleSampler(comfy.samplers.Sampler):
         self.flow = flow
         self.results: list[AFDPSResult] = []
 
+    @property
+    def decoder_batch(self) -> int:
+        """Particles per decoder call (the chunk size)."""
+        return min(self.config.chunk_size or self.n_particles, self.n_particles)
+
     def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
                disable_pbar=False):
         """ComfyUI's sampler interface: ``model_wrap`` is the guider; noise: (B, C, h, w) raw N(0, I);
@@ -184,6 +192,7 @@ class AFDPSEnsembleSampler(comfy.samplers.Sampler):
             raise ValueError("AFDPS does not use a latent noise_mask: remove it from the latent and describe the "
                              "missing region with an inpainting operator instead")
         problem = self.problem.fit_to(noise.shape)
+        check_model_size(base, tuple(noise.shape), problem.image_shape(noise.shape)[2] // noise.shape[2], "AFDPS")
         if latent_image is None:
             latent_image = torch.zeros_like(noise)
         sampling = base.model_sampling
@@ -194,7 +203,8 @@ class AFDPSEnsembleSampler(comfy.samplers.Sampler):
 
         self.results = []
         outputs = []
-        with decoder_copy(problem.vae, flow, device) as decoder:
+        with decoder_copy(problem, flow, device, (self.decoder_batch, *noise.shape[1:]), "AFDPS",
+                          keep=getattr(comfy_parts(model_wrap)[0], "model_patcher", None)) as decoder:
             op, y_all = problem.on(device)
             for item in range(noise.shape[0]):
                 y = y_all[item if y_all.shape[0] > 1 else 0][None]
@@ -343,18 +353,19 @@ class AFDPSSampler(io.ComfyNode):
                                        "paper's choice), 'mean' the weighted mean latent, 'sample' one draw from "
                                        "the weighted ensemble (a posterior sample)."),
                 *late_inputs(variant=False),
+                memory_input(),
             ],
             outputs=[io.Sampler.Output()],
         )
 
     @classmethod
     def execute(cls, vae, operator, measurement, particles, variant, eta, kappa, ess_threshold, chunk_size, sigma_y,
-                output, kappa_clip=KAPPA_CLIP) -> io.NodeOutput:
+                output, kappa_clip=KAPPA_CLIP, memory=DEFAULT_MEMORY) -> io.NodeOutput:
         check_links(cls, vae=vae, operator=operator, measurement=measurement)
         if output not in OUTPUTS:
             raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
         config = make_config(eta, kappa, ess_threshold, chunk_size, variant=variant, kappa_clip=kappa_clip)
-        problem = make_afdps_problem(vae, operator, measurement, sigma_y)
+        problem = make_afdps_problem(vae, operator, measurement, sigma_y, memory)
         return io.NodeOutput(AFDPSEnsembleSampler(problem, config, int(particles), output))
 
 
@@ -385,6 +396,7 @@ class AFDPSRestore(io.ComfyNode):
                 *ensemble_inputs(),
                 *late_inputs(variant=True),
                 scheduler_input(),
+                memory_input(),
             ],
             outputs=[
                 io.Image.Output(display_name="best", tooltip="The highest-weight particle, decoded."),
@@ -409,17 +421,17 @@ class AFDPSRestore(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, negative, vae, measurement, operator, particles, steps, cfg, shift, seed,
                 eta, kappa, ess_threshold, chunk_size, sigma_y, variant="sde", kappa_clip=KAPPA_CLIP,
-                scheduler=FLOWDPS_SCHEDULER) -> io.NodeOutput:
+                scheduler=FLOWDPS_SCHEDULER, memory=DEFAULT_MEMORY) -> io.NodeOutput:
         check_links(cls, model=model, positive=positive, negative=negative, vae=vae, measurement=measurement,
                     operator=operator)
         config = make_config(eta, kappa, ess_threshold, chunk_size, variant=variant, kappa_clip=kappa_clip)
-        problem = make_afdps_problem(vae, operator, measurement, sigma_y)
+        problem = make_afdps_problem(vae, operator, measurement, sigma_y, memory)
 
         def sampler(problem: RestorationProblem, flow: FlowModel) -> AFDPSEnsembleSampler:
             return AFDPSEnsembleSampler(problem, config, int(particles), "best", keep_results=True, flow=flow)
 
         run = restore(RESTORE_NAME, model, positive, negative, problem, RestoreRun(seed, steps, cfg, shift, scheduler),
-                      sampler)
+                      sampler, decoder_batch=min(int(chunk_size) or int(particles), int(particles)))
         results, run.sampler.results = run.sampler.results, []
         images, residuals = ensemble_outputs(results, run.problem.measurement, run.problem.operator)
         images = [crop_image(image, run.size) for image in images] if run.size else images

@@ -51,7 +51,8 @@ from ..samplers.types import Denoiser
 from . import messages, padding
 from .common import FLOWDPS_SCHEDULER, RESIDUALS, SCHEDULERS
 from .convert import measurement_pixels, pixel_sigma
-from .decoder import GradDecoder, GradEncoder, clone_for_grad, module_bytes
+from .decoder import DECODER_PARTS, GradDecoder, GradEncoder, clone_for_grad, module_bytes
+from .decoder_memory import DEFAULT_MEMORY, FULL_FALLBACK_FACTOR, MemoryPlan, check_memory_mode, plan_memory
 from .model_copy import GradDiffusionModel
 from .model_family import check_model_and_vae, restore_settings, with_shift
 
@@ -90,6 +91,33 @@ def flow_model(model: Any, vae: Any, node: str) -> FlowModel:
     if hasattr(model, "get_model_object"):
         return FlowModel(model.get_model_object("process_latent_out"), model.get_model_object("process_latent_in"))
     return FlowModel(model.process_latent_out, model.process_latent_in)
+
+
+def max_latent_side(base_model: Any) -> int | None:
+    """The largest latent side the diffusion model accepts (``None``: no limit known). SD3 / SD3.5 crop a learned
+    position embedding of ``pos_embed_max_size`` patches per side; a larger latent fails deep inside the model
+    (ComfyUI's bare ``AssertionError: (h, max)``) after the text encoders and the model have loaded."""
+    diffusion = getattr(base_model, "diffusion_model", None)
+    max_patches = getattr(diffusion, "pos_embed_max_size", None)
+    embedder = getattr(diffusion, "x_embedder", None)
+    if not isinstance(max_patches, int) or getattr(diffusion, "pos_embed", None) is None or embedder is None:
+        return None
+    patch = getattr(embedder, "patch_size", (1,))
+    return int(max_patches) * int(patch[0] if isinstance(patch, tuple | list) else patch)
+
+
+def check_model_size(base_model: Any, latent_shape: tuple[int, ...], ratio: int, node: str) -> None:
+    """Refuse a latent larger than the model's position embedding (ValueError naming the size, the limit and
+    the fix) before any model call. base_model: a loaded ``BaseModel`` (or a MODEL: its ``.model``)."""
+    base_model = getattr(base_model, "model", base_model) if hasattr(base_model, "get_model_object") else base_model
+    limit = max_latent_side(base_model)
+    h, w = latent_shape[-2:]
+    if limit is None or (h <= limit and w <= limit):
+        return
+    raise ValueError(f"{node}: the image is {w * ratio}x{h * ratio} pixels (W x H), but this model's position "
+                     f"embedding covers at most {limit * ratio}x{limit * ratio} ({limit} latent rows and columns): "
+                     f"restore a smaller output (a lower SR factor, or a crop of the photo), or use a model "
+                     f"without this limit (Flux)")
 
 
 def comfy_parts(model: Any) -> tuple[Any, Any]:
@@ -146,6 +174,8 @@ class RestorationProblem:
     measurement: (1 or B, C, h, w) in [-1, 1], the operator's output space.
     residual: "auto" (the operator's own choice, ``operator.auto_residual``) | "pinv" | "adjoint" | "measurement".
     norm: "paper" (un-squared) | "squared" (needs ``sigma_y`` > 0, on the [-1, 1] scale).
+    memory: the decoder gradient's memory mode (``decoder_memory.MEMORY_MODES``; "auto" picks from the free
+    memory at sample time).
     """
 
     vae: Any
@@ -154,20 +184,23 @@ class RestorationProblem:
     residual: str = "auto"
     norm: str = "paper"
     sigma_y: float | None = None
+    memory: str = DEFAULT_MEMORY
 
     def __post_init__(self) -> None:
         if self.residual not in RESIDUALS:
             raise ValueError(f"residual must be one of {RESIDUALS}, got {self.residual!r}")
         check_norm(self.norm, self.sigma_y)
+        check_memory_mode(self.memory)
 
     @classmethod
     def from_inputs(cls, vae: Any, operator: LinearOperator, measurement: torch.Tensor, residual: str, norm: str,
-                    sigma_y: float) -> RestorationProblem:
+                    sigma_y: float, memory: str = DEFAULT_MEMORY) -> RestorationProblem:
         """From node inputs: the IMAGE read in the operator's output space, ``sigma_y`` (a [0, 1]-scale widget)
         on the [-1, 1] scale for the squared norm (the paper norm has no noise level)."""
+        check_memory_mode(memory)
         pixels = measurement_pixels(operator, measurement)
         return cls(vae=vae, operator=operator, measurement=pixels, residual=residual, norm=norm,
-                   sigma_y=pixel_sigma(sigma_y) if norm == "squared" else None)
+                   sigma_y=pixel_sigma(sigma_y) if norm == "squared" else None, memory=memory)
 
     def image_shape(self, latent_shape: torch.Size) -> tuple[int, int, int, int]:
         """Image shape ``(B, 3, H, W)`` the VAE decodes a latent of ``latent_shape`` to."""
@@ -268,12 +301,79 @@ def released(copy: Copy) -> Iterator[Copy]:
         copy.release()  # type: ignore[attr-defined]
 
 
+def decoder_weight_bytes(vae: Any) -> int:
+    """Bytes of the private float32 decoder copy's weights (the decoder parts of ``vae.first_stage_model``)."""
+    parts = [getattr(vae.first_stage_model, n, None) for n in DECODER_PARTS]
+    return sum(4 * sum(p.numel() for p in m.parameters()) for m in parts if isinstance(m, torch.nn.Module))
+
+
+def free_memory(device: torch.device, *, offloadable: bool = False) -> int:
+    """What ComfyUI reports free on ``device`` (bytes; on a CPU the available RAM); with ``offloadable`` on a
+    GPU, plus what ComfyUI could free by offloading the models it has loaded there (what :func:`make_room`
+    asks it to do; the check before sampling, when the model is not loaded yet)."""
+    free = int(mm.get_free_memory(device))
+    if offloadable and device.type != "cpu":
+        free += sum(int(m.model_loaded_memory()) for m in mm.current_loaded_models
+                    if getattr(m, "device", None) == device)
+    return free
+
+
+def _fallback_bytes(vae: Any, latent_shape: tuple[int, ...]) -> int:
+    """The full mode's estimate for a decoder without a structural one (TAESD): from ComfyUI's decode estimate."""
+    if not hasattr(vae, "memory_used_decode"):
+        return 0
+    return int(FULL_FALLBACK_FACTOR * vae.memory_used_decode(tuple(latent_shape), torch.float32))
+
+
+def plan_decoder_memory(problem: RestorationProblem, latent_shape: tuple[int, ...], device: torch.device,
+                        node: str, free: int | None = None) -> MemoryPlan:
+    """The decoder gradient's memory mode for ``problem.memory`` and one decoder call on ``latent_shape``
+    (B, C, h, w; AFDPS: one chunk of particles), checked against the free memory before any work.
+
+    Raises MemoryError naming the size, the estimate, what is free and what to do when the weights of the
+    decoder copy plus the mode's activations do not fit.
+    """
+    vae = problem.vae
+    weights = decoder_weight_bytes(vae)
+    free = free_memory(device) if free is None else free
+    plan = plan_memory(problem.memory, vae.first_stage_model, tuple(latent_shape), max(free - weights, 0),
+                       fallback_bytes=_fallback_bytes(vae, latent_shape))
+    need = plan.estimate + weights
+    if need > free:
+        b, _, h, w = latent_shape
+        ratio = getattr(vae, "upscale_ratio", 8)
+        others = ", ".join(f"{m} {v / 2**30:.1f} GiB" for m, v in plan.estimates.items() if m != plan.mode)
+        fixes = ["a smaller output (a lower SR factor, or a crop of the photo)"]
+        if plan.mode != "tiled" and "tiled" in plan.estimates:
+            fixes.insert(0, "memory 'tiled' (or 'auto')")
+        if b > 1:
+            fixes.append("fewer images or particles per decoder call (AFDPS: a smaller chunk_size)")
+        raise MemoryError(
+            f"{node}: a decoder gradient for {b} image(s) of {w * ratio}x{h * ratio} pixels (W x H) in memory mode "
+            f"'{plan.mode}' needs about {need / 2**30:.1f} GiB (decoder copy {weights / 2**30:.1f} GiB, activations "
+            f"{plan.estimate / 2**30:.1f} GiB), but {device.type} has {free / 2**30:.1f} GiB free"
+            f"{f' (other modes: {others})' if others else ''}: use " + ", or ".join(fixes))
+    if plan.mode != "full" or problem.memory != "full":
+        logger.info("%s: decoder gradient in memory mode '%s' (%s), about %.2f GiB of activations per call",
+                    node, plan.mode, problem.memory, plan.estimate / 2**30)
+    return plan
+
+
 @contextlib.contextmanager
-def decoder_copy(vae: Any, flow: FlowModel, device: torch.device) -> Iterator[GradDecoder]:
-    """The run's private float32 decoder copy (model-space latents in), with room made for it on a GPU: its
-    float32 weights and as much again for one backward pass."""
-    make_room(2 * 4 * sum(p.numel() for p in vae.first_stage_model.parameters()), device)
-    with released(GradDecoder(vae, flow.process_latent_out, device=device)) as decoder:
+def decoder_copy(problem: RestorationProblem, flow: FlowModel, device: torch.device, latent_shape: tuple[int, ...],
+                 node: str = "FlowDPS", keep: Any = None) -> Iterator[GradDecoder]:
+    """The run's private float32 decoder copy (model-space latents in) in the memory mode
+    :func:`plan_decoder_memory` picks for one decoder call on ``latent_shape``, with room made for it on a GPU:
+    its weights and one gradient's activations (``keep``: the model patcher being sampled, never offloaded for
+    it). Checks ComfyUI's interrupt between the bounded modes' blocks."""
+    vae = problem.vae
+    if device.type != "cpu":   # ask for what the requested mode ("auto": full) needs, then decide on what is free
+        wanted = plan_memory(problem.memory, vae.first_stage_model, tuple(latent_shape), None,
+                             fallback_bytes=_fallback_bytes(vae, latent_shape))
+        make_room(decoder_weight_bytes(vae) + wanted.estimate, device, keep=keep)
+    plan = plan_decoder_memory(problem, latent_shape, device, node)
+    with released(GradDecoder(vae, flow.process_latent_out, device=device, memory=plan.mode,
+                              interrupt=mm.throw_exception_if_processing_interrupted)) as decoder:
         yield decoder
 
 
@@ -334,13 +434,16 @@ class Restoration(NamedTuple):
 
 
 def restore(node: str, model: Any, positive: Any, negative: Any, problem: RestorationProblem, run: RestoreRun,
-            make_sampler: Callable[[RestorationProblem, FlowModel], Any]) -> Restoration:
+            make_sampler: Callable[[RestorationProblem, FlowModel], Any], decoder_batch: int | None = None
+            ) -> Restoration:
     """A Restore node's whole run through ComfyUI's own sampling path (``comfy.sample.sample_custom``: the seeded
     initial noise, CFGGuider, previews and progress through ``latent_preview``, interruption).
 
     ``model`` and the VAE are checked once (:func:`flow_model`, messages start with ``node``); the measurement
     is padded to fit a multiple of 16 pixels (crop the decoded result to ``size``); the family's shift and CFG fill in a 0; the latent is empty, of
     the size the operator implies. ``make_sampler(problem, flow)`` gives the SAMPLER for the fitted problem.
+    Before any model is loaded the size is checked against the model's limit and the decoder gradient's memory
+    against what is free (``decoder_batch``: latents per decoder call, default the batch).
     """
     flow = flow_model(model, problem.vae, node)
     problem, plan = fit_measurement(problem, node)
@@ -352,6 +455,10 @@ def restore(node: str, model: Any, positive: Any, negative: Any, problem: Restor
     channels = shifted.get_model_object("latent_format").latent_channels
     ratio = problem.vae.upscale_ratio
     latent = torch.zeros(y.shape[0], channels, image_shape[2] // ratio, image_shape[3] // ratio)
+    check_model_size(model, tuple(latent.shape), ratio, node)
+    device = mm.get_torch_device()
+    plan_decoder_memory(problem, (decoder_batch or latent.shape[0], *latent.shape[1:]), device, node,
+                        free=free_memory(device, offloadable=True))
     sigmas = restore_sigmas(shifted.get_model_object("model_sampling"), run.scheduler, run.steps)
     sampler = make_sampler(problem, flow)
     noise = comfy.sample.prepare_noise(latent, run.seed)
@@ -380,7 +487,9 @@ def sample_posterior(model, x, sigmas, extra_args=None, callback=None, disable=N
         name = "FlowChef" if isinstance(config, FlowChefConfig) else "FlowDPS"
         flow = flow_model(comfy_parts(model)[1], problem.vae, name)
     problem = problem.fit_to(x.shape)
-    with decoder_copy(problem.vae, flow, x.device) as decoder:
+    check_model_size(comfy_parts(model)[1], tuple(x.shape), problem.image_shape(x.shape)[2] // x.shape[2], "FlowDPS")
+    with decoder_copy(problem, flow, x.device, tuple(x.shape), "FlowDPS",
+                      keep=getattr(comfy_parts(model)[0], "model_patcher", None)) as decoder:
         op, y = problem.on(x.device)
         data_loss = measurement_loss(decoder, op.forward, y, project=projection(op, problem.residual),
                                      norm=problem.norm, sigma_y=problem.sigma_y)
@@ -456,11 +565,14 @@ def sample_psld(model, x, sigmas, extra_args=None, callback=None, disable=None, 
     if flow is None:
         flow = flow_model(base, problem.vae, "PSLD")
     problem = problem.fit_to(x.shape)
+    check_model_size(base, tuple(x.shape), problem.image_shape(x.shape)[2] // x.shape[2], "PSLD")
     vae = problem.vae
     make_room(module_bytes(base.diffusion_model) + 4 * module_bytes(vae.first_stage_model), x.device,
               keep=getattr(guider, "model_patcher", None))
+    plan = plan_decoder_memory(problem, tuple(x.shape), x.device, "PSLD")
     with (contextlib.ExitStack() as copies,
-          released(GradDecoder(vae, flow.process_latent_out, device=x.device)) as decoder,
+          released(GradDecoder(vae, flow.process_latent_out, device=x.device, memory=plan.mode,
+                               interrupt=mm.throw_exception_if_processing_interrupted)) as decoder,
           released(GradEncoder(vae, flow.process_latent_in, device=x.device)) as encoder):
         op, y = problem.on(x.device)
         measurement_space = "measurement" if problem.residual == "auto" else problem.residual

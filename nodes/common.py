@@ -8,6 +8,7 @@ from comfy_api.latest import io
 
 from ..operators import RESIDUAL_SPACES
 from ..samplers.data_term import NORMS
+from .decoder_memory import DEFAULT_MEMORY, MEMORY_MODES
 
 CATEGORY_ROOT = "FlowDPS"
 CATEGORY_OPERATORS = "FlowDPS/operators"
@@ -114,6 +115,20 @@ def data_inputs(*, residual_tooltip: str = RESIDUAL_TOOLTIP) -> list:
         io.Combo.Input("norm", options=list(NORMS), default="paper", tooltip=NORM_TOOLTIP),
         io.Float.Input("sigma_y", default=0.015, min=0.0, max=1.0, step=0.001, tooltip=SIGMA_Y_TOOLTIP),
     ]
+
+
+MEMORY_TOOLTIP = ("How the decoder's gradient is computed (the same gradient in every mode). 'auto': the fastest mode "
+                  "that fits the free memory. 'full': plain autograd, fastest, about 30 KB per output pixel (1024 px: "
+                  "about 30 GB). 'checkpoint': recomputes each decoder block in the backward pass, about half the "
+                  "memory, slightly slower. 'tiled': works in bands of rows, a few GB at 1024 px, slowest. "
+                  "'checkpoint' and 'tiled' need a KL VAE (SD3, SD3.5, Flux), not TAESD.")
+
+
+def memory_input() -> io.Combo.Input:
+    """The trailing, optional ``memory`` input of every node that differentiates the decoder (saved workflows
+    without it get 'auto')."""
+    return io.Combo.Input("memory", options=list(MEMORY_MODES), default=DEFAULT_MEMORY, optional=True,
+                          tooltip=MEMORY_TOOLTIP)
 
 
 def scheduler_input() -> io.Combo.Input:

@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from .decoder_memory import decode_function
+
 ENCODER_PARTS = ("encoder", "taesd_encoder", "quant_conv")
 DECODER_PARTS = ("decoder", "taesd_decoder", "post_quant_conv")
 
@@ -97,6 +99,14 @@ class PrivateVAEPart:
         self.module = None
 
 
+def _no_interrupt() -> None:
+    return None
+
+
+def _released(z: torch.Tensor) -> torch.Tensor:
+    raise RuntimeError("this GradDecoder was released")
+
+
 class GradDecoder(PrivateVAEPart):
     """Autograd-capable private copy of ``vae.first_stage_model`` (decoder only).
 
@@ -106,6 +116,10 @@ class GradDecoder(PrivateVAEPart):
             ``z / 1.5305 + 0.0609``); ``None`` when latents are already in VAE space.
         device: where the copy lives (default: the VAE's device).
         dtype: the copy's dtype; float32 by default whatever the VAE's dtype, so gradients are float32.
+        memory: how the gradient is computed (``decoder_memory``): "full" (plain autograd), "checkpoint" or
+            "tiled" (the same gradient with less memory; ComfyUI's KL decoder only). No "auto" here: the
+            bridge resolves it from the image size and the free memory.
+        interrupt: called between blocks / bands in the bounded modes (ComfyUI's interrupt check).
 
     Calling it maps ``z: (B, C, h, w)`` in model space to an image ``(B, 3, 8h, 8w)`` in about [-1, 1],
     unclamped, float32 (float64 for a float64 copy). Inside :func:`grad_enabled` gradients flow to ``z`` only
@@ -115,11 +129,19 @@ class GradDecoder(PrivateVAEPart):
     excluded = ENCODER_PARTS
 
     def __init__(self, vae, process_out: Callable[[torch.Tensor], torch.Tensor] | None = None, *,
-                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> None:
+                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
+                 memory: str = "full", interrupt: Callable[[], None] | None = None) -> None:
         super().__init__(vae, process_out, device=device, dtype=dtype)
+        assert self.module is not None
+        self.memory = memory
+        self._decode = decode_function(self.module, memory, interrupt or _no_interrupt)
 
     def _run(self, module: torch.nn.Module, z: torch.Tensor) -> torch.Tensor:
-        return module.decode(self.latent_map(z) if self.latent_map is not None else z)
+        return self._decode(self.latent_map(z) if self.latent_map is not None else z)
+
+    def release(self) -> None:
+        super().release()
+        self._decode = _released
 
 
 class GradEncoder(PrivateVAEPart):

@@ -97,7 +97,8 @@ class PseudoInversePreview(io.ComfyNode):
         check_links(cls, measurement=measurement, operator=operator)
         y = measurement_pixels(operator, measurement)
         y = y.to(mm.get_torch_device())
-        x = operator.pinv(y) if operator.closed_form_pinv else operator.pinv_cg(y, max_iter=max_iterations)
+        x = operator.pinv(y) if operator.closed_form_pinv else operator.pinv_cg(
+            y, max_iter=max_iterations, interrupt=mm.throw_exception_if_processing_interrupted)
         return io.NodeOutput(pixels_to_image(x))
 
 

@@ -9,11 +9,13 @@ from ..samplers import FlowChefConfig, FlowDPSConfig, PSLDConfig
 from .bridge import RestorationProblem, RestoreRun, restore, sample_posterior, sample_psld
 from .common import (
     CATEGORY_ROOT,
+    DEFAULT_MEMORY,
     FLOWDPS_SCHEDULER,
     PSLD_MEMORY_NOTE,
     STEP_SIZE_NOTE,
     cfg_shift_inputs,
     data_inputs,
+    memory_input,
     restore_inputs,
     scheduler_input,
 )
@@ -68,6 +70,7 @@ class FlowDPSRestore(io.ComfyNode):
                                        "the paper)."),
                 *data_inputs(),
                 scheduler_input(),
+                memory_input(),
             ],
             outputs=[
                 io.Image.Output(display_name="image", tooltip="The restored photo, at the size the photo and the "
@@ -81,12 +84,12 @@ class FlowDPSRestore(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, negative, vae, measurement, operator, seed, steps, cfg, shift, method,
                 dc_steps, step_size, step_size_end, residual, norm, sigma_y,
-                scheduler=FLOWDPS_SCHEDULER) -> io.NodeOutput:
+                scheduler=FLOWDPS_SCHEDULER, memory=DEFAULT_MEMORY) -> io.NodeOutput:
         check_links(cls, model=model, positive=positive, negative=negative, vae=vae, measurement=measurement,
                     operator=operator)
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-        problem = RestorationProblem.from_inputs(vae, operator, measurement, residual, norm, sigma_y)
+        problem = RestorationProblem.from_inputs(vae, operator, measurement, residual, norm, sigma_y, memory)
         step = step_schedule(step_size, step_size_end)
         config = {"flowdps": lambda: FlowDPSConfig(dc_steps=dc_steps, step_size=step),
                   "flowchef": lambda: FlowChefConfig(step_size=step),

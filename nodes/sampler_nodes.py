@@ -15,9 +15,11 @@ from ..samplers import FlowChefConfig, FlowDPSConfig, PSLDConfig
 from .bridge import RestorationProblem, flowdps_grid, sample_posterior, sample_psld
 from .common import (
     CATEGORY_SAMPLERS,
+    DEFAULT_MEMORY,
     PSLD_MEMORY_NOTE,
     STEP_SIZE_NOTE,
     data_inputs,
+    memory_input,
     problem_inputs,
 )
 from .inputs import check_links, step_schedule
@@ -61,15 +63,16 @@ class FlowDPSSampler(io.ComfyNode):
                                tooltip="Fit strength at the last step, ramping from step_size (-1: no ramp, the "
                                        "paper). Later work found a decreasing one better."),
                 *data_inputs(),
+                memory_input(),
             ],
             outputs=[io.Sampler.Output()],
         )
 
     @classmethod
     def execute(cls, vae, operator, measurement, dc_steps, step_size, step_size_end, residual, norm,
-                sigma_y) -> io.NodeOutput:
+                sigma_y, memory=DEFAULT_MEMORY) -> io.NodeOutput:
         check_links(cls, vae=vae, operator=operator, measurement=measurement)
-        problem = RestorationProblem.from_inputs(vae, operator, measurement, residual, norm, sigma_y)
+        problem = RestorationProblem.from_inputs(vae, operator, measurement, residual, norm, sigma_y, memory)
         config = FlowDPSConfig(dc_steps=dc_steps, step_size=step_schedule(step_size, step_size_end))
         return io.NodeOutput(ksampler(sample_posterior, problem, config))
 
@@ -94,14 +97,16 @@ class FlowChefSampler(io.ComfyNode):
                                tooltip=("How hard each step pulls the result towards your photo (the FlowDPS "
                                         "repository uses 15). " + STEP_SIZE_NOTE)),
                 *data_inputs(),
+                memory_input(),
             ],
             outputs=[io.Sampler.Output()],
         )
 
     @classmethod
-    def execute(cls, vae, operator, measurement, step_size, residual, norm, sigma_y) -> io.NodeOutput:
+    def execute(cls, vae, operator, measurement, step_size, residual, norm, sigma_y,
+                memory=DEFAULT_MEMORY) -> io.NodeOutput:
         check_links(cls, vae=vae, operator=operator, measurement=measurement)
-        problem = RestorationProblem.from_inputs(vae, operator, measurement, residual, norm, sigma_y)
+        problem = RestorationProblem.from_inputs(vae, operator, measurement, residual, norm, sigma_y, memory)
         config = FlowChefConfig(step_size=step_size)
         return io.NodeOutput(ksampler(sample_posterior, problem, config))
 
@@ -135,15 +140,16 @@ class PSLDSampler(io.ComfyNode):
                                tooltip="Weight of the gluing term ||z0 - E(P y + D(z0) - P A D(z0))|| "
                                        "(official: 0.1); 0 skips the encoder's gradient."),
                 *data_inputs(residual_tooltip=PSLD_RESIDUAL_TOOLTIP),
+                memory_input(),
             ],
             outputs=[io.Sampler.Output()],
         )
 
     @classmethod
     def execute(cls, vae, operator, measurement, step_size, step_size_end, measurement_weight, gluing_weight,
-                residual, norm, sigma_y) -> io.NodeOutput:
+                residual, norm, sigma_y, memory=DEFAULT_MEMORY) -> io.NodeOutput:
         check_links(cls, vae=vae, operator=operator, measurement=measurement)
-        problem = RestorationProblem.from_inputs(vae, operator, measurement, residual, norm, sigma_y)
+        problem = RestorationProblem.from_inputs(vae, operator, measurement, residual, norm, sigma_y, memory)
         config = PSLDConfig(step_size=step_schedule(step_size, step_size_end), measurement_weight=measurement_weight,
                             gluing_weight=gluing_weight)
         return io.NodeOutput(ksampler(sample_psld, problem, config))

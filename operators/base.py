@@ -132,14 +132,16 @@ def _batch_dot(a: Tensor, b: Tensor) -> Tensor:
 
 
 def conjugate_gradient(
-    matvec: Callable[[Tensor], Tensor], rhs: Tensor, *, tol: float = CG_TOL, max_iter: int = CG_MAX_ITER
+    matvec: Callable[[Tensor], Tensor], rhs: Tensor, *, tol: float = CG_TOL, max_iter: int = CG_MAX_ITER,
+    interrupt: Callable[[], None] | None = None,
 ) -> Tensor:
     """Solve ``M u = rhs`` for a symmetric positive semi-definite ``M`` by batched conjugate gradients.
 
     rhs: (B, ...); each sample is an independent system (own step sizes, own stopping). Starts from
     ``u = 0`` and stops a sample when ``||r|| <= tol * ||rhs||``; after ``max_iter`` iterations the current
     iterate is returned. From ``u = 0`` and for ``rhs`` in the range of ``M`` the iterates stay in that
-    range, so the limit is the minimum-norm solution.
+    range, so the limit is the minimum-norm solution. ``interrupt`` is called before every iteration and may
+    raise to stop the solve (ComfyUI's Cancel button, passed in by the nodes).
     """
     u = torch.zeros_like(rhs)
     r = rhs.clone()
@@ -147,6 +149,8 @@ def conjugate_gradient(
     rs = _batch_dot(r, r)
     stop = (tol**2) * rs
     for _ in range(max_iter):
+        if interrupt is not None:
+            interrupt()
         active = rs > stop
         if not bool(active.any()):
             break
@@ -165,10 +169,12 @@ def conjugate_gradient(
     return u
 
 
-def _pinv_solve(op: LinearOperator, y: Tensor, tol: float, max_iter: int) -> Tensor:
+def _pinv_solve(op: LinearOperator, y: Tensor, tol: float, max_iter: int,
+                interrupt: Callable[[], None] | None = None) -> Tensor:
     """``A^+ y``: CG on ``A^T A x = A^T y`` from 0 (in float32 at least, returned in y's dtype)."""
     yw = y.to(work_dtype(y.dtype))
-    x = conjugate_gradient(lambda v: op.adjoint(op.forward(v)), op.adjoint(yw), tol=tol, max_iter=max_iter)
+    x = conjugate_gradient(lambda v: op.adjoint(op.forward(v)), op.adjoint(yw), tol=tol, max_iter=max_iter,
+                           interrupt=interrupt)
     return x.to(y.dtype)
 
 
@@ -247,7 +253,8 @@ class LinearOperator(abc.ABC):
         official "adjoint" is the identity (motion, a custom kernel) say ``"measurement"``."""
         return "adjoint"
 
-    def pinv_cg(self, y: Tensor, *, tol: float = CG_TOL, max_iter: int = CG_MAX_ITER) -> Tensor:
+    def pinv_cg(self, y: Tensor, *, tol: float = CG_TOL, max_iter: int = CG_MAX_ITER,
+                interrupt: Callable[[], None] | None = None) -> Tensor:
         """``A^+ y`` by conjugate gradients (computed in float32 at least, returned in y's dtype).
 
         CG on the normal equations ``A^T A x = A^T y`` from ``x = 0``: the iterates stay in the row space of
@@ -274,8 +281,13 @@ class LinearOperator(abc.ABC):
         approximation of ``A^+``, not exactly the derivative of the value computed. The solves save
         no tensor for backward, so they also accept an operator whose tensors were made under
         ``torch.inference_mode()`` (a data term's own ``A x`` still needs :meth:`materialize`).
+
+        ``interrupt`` (no gradient then) is called before every CG iteration and may raise to stop the solve
+        (the nodes pass ComfyUI's interrupt check).
         """
         check_image_tensor(y, "y")
+        if interrupt is not None:
+            return _pinv_solve(self, y, tol, max_iter, interrupt)
         x: Tensor = _PseudoInverse.apply(y, self, tol, max_iter, False)
         return x
 

@@ -71,12 +71,12 @@ per-channel weights of a 768 px RGB image take 14 MB, of a 4096 px one 400 MB.
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import torch
 from torch import Tensor
 
 from .base import LinearOperator, check_finite_float, check_odd_size, work_dtype
+from .cache import tensor_cache
 from .separable import apply_separable
 
 PAPER_GAUSSIAN_KERNEL_SIZE = 61
@@ -111,7 +111,11 @@ def paper_gaussian_matrix(
     )
 
 
-@functools.lru_cache(maxsize=8)
+PAPER_CACHE_BYTES = 512 * 2**20
+"""Byte bound of each cache of the paper blur (:func:`paper_gaussian_svd`: 150 MiB for a 3072 px side)."""
+
+
+@tensor_cache(PAPER_CACHE_BYTES)
 def paper_gaussian_svd(
     n: int,
     kernel_size: int = PAPER_GAUSSIAN_KERNEL_SIZE,
@@ -156,7 +160,7 @@ def tiled_channel_scales(
     ).view(channels, height, width)
 
 
-@functools.lru_cache(maxsize=4)
+@tensor_cache(PAPER_CACHE_BYTES)
 def paper_channel_scales(
     height: int,
     width: int,

@@ -6,7 +6,6 @@ Both require H and W divisible by the factor (the official code only runs 768 / 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Sequence
 from typing import ClassVar
 
@@ -15,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .base import LinearOperator, Shape, check_image_shape, check_positive_int
+from .cache import tensor_cache
 from .separable import apply_separable
 
 PAPER_SR_FACTOR = 12
@@ -103,7 +103,11 @@ def symmetric_index(index: Tensor, n: int) -> Tensor:
     return torch.where(m >= n, 2 * n - 1 - m, m)
 
 
-@functools.lru_cache(maxsize=32)
+BICUBIC_CACHE_BYTES = 512 * 2**20
+"""Byte bound of the cache of :func:`bicubic_matrices` (one 4096 px side with factor 1: 256 MiB)."""
+
+
+@tensor_cache(BICUBIC_CACHE_BYTES)
 def bicubic_matrices(n: int, factor: int) -> tuple[Tensor, Tensor]:
     """The 1-D antialiased bicubic downsampling matrix ``(n / factor, n)`` and its pseudo-inverse (float64).
 

@@ -167,3 +167,26 @@ def test_pinned_at_768():
 
     assert abs(difference(x) - 0.0316987) < 2e-7
     assert 0.97 < difference(noise) < 1.01
+
+
+def test_matrix_caches_stay_within_their_byte_bound():
+    from flowdps.operators.cache import TensorCache, clear_tensor_caches, tensor_bytes
+    from flowdps.operators.sr import bicubic_matrices
+
+    calls = []
+
+    def make(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        calls.append(n)
+        return torch.zeros(n, n), torch.zeros(n)
+
+    cache = TensorCache(make, max_bytes=3 * tensor_bytes(make(16)))
+    calls.clear()
+    for n in (16, 8, 16, 4, 16, 32, 16):     # 32 alone exceeds the bound: computed, never kept
+        cache(n)
+        assert cache.bytes <= cache.max_bytes
+        assert cache.bytes == sum(size for _, size in cache.entries.values())
+    assert calls == [16, 8, 4, 32]
+    assert 32 not in [key[0][0] for key in cache.entries]
+    bicubic_matrices(64, 2)
+    assert clear_tensor_caches() >= tensor_bytes(bicubic_matrices.cache.function(64, 2))  # type: ignore[attr-defined]
+    assert bicubic_matrices.cache.bytes == 0  # type: ignore[attr-defined]

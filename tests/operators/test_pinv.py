@@ -80,3 +80,32 @@ def test_conjugate_gradient_is_batched_per_sample():
     solution = conjugate_gradient(lambda v: v @ spd, rhs, tol=1e-12, max_iter=50)
     torch.testing.assert_close(solution, torch.linalg.solve(spd, rhs.T).T)
     assert torch.all(solution[2] == 0)
+
+
+def test_pinv_cg_stops_when_interrupted():
+    """The interrupt callback runs before every CG iteration; whatever it raises ends the solve at once."""
+    from flowdps.operators import motion_blur
+
+    class StopError(Exception):
+        pass
+
+    calls = []
+
+    def interrupt() -> None:
+        calls.append(1)
+        if len(calls) == 5:
+            raise StopError
+
+    op = motion_blur(9, 0.5, torch.Generator().manual_seed(0))
+    y = torch.rand(1, 3, 24, 24)
+    try:
+        op.pinv_cg(y, tol=0.0, max_iter=1000, interrupt=interrupt)
+    except StopError:
+        pass
+    else:
+        raise AssertionError("the interrupt did not stop the solve")
+    assert len(calls) == 5
+    calls.clear()
+    x = conjugate_gradient(lambda v: 2 * v, torch.ones(1, 4), max_iter=50, interrupt=lambda: calls.append(1))
+    torch.testing.assert_close(x, torch.full((1, 4), 0.5))
+    assert 1 <= len(calls) <= 2

@@ -1,0 +1,194 @@
+"""Memory modes of the differentiable decoder: how much of the decoder's forward pass a gradient keeps.
+
+A data-term gradient runs the VAE decoder forward and back through it. Plain autograd ("full") keeps every
+activation of the forward pass until the backward pass: for ComfyUI's KL decoder of SD3 / SD3.5 / Flux in
+float32 that is about 30 KB per output pixel and image, linear in pixels (about 30 GiB at 1024 px). Two modes
+compute the same gradient with less:
+
+* ``"checkpoint"``: activation checkpointing of the decoder's blocks (``torch.utils.checkpoint``). Only the
+  tensors between blocks are kept; each block's inner activations are recomputed during the backward pass.
+  Still linear in pixels, with a smaller constant, and one extra forward pass of compute. The mid block's
+  attention runs without its N x N weight matrix (``decoder_tiles.exact_attention``).
+* ``"tiled"``: the exact band-by-band vector-Jacobian product of :mod:`.decoder_tiles` (GroupNorm statistics
+  synchronised across bands), which holds a few full-size feature maps and one band's graph.
+
+``"auto"`` picks the first of full, checkpoint, tiled whose estimate (:func:`activation_bytes`) fits the
+memory ComfyUI reports free; "tiled" when none does (the bridge refuses the run if even that does not fit).
+Decoders other than the KL one (TAESD) only have "full".
+
+This module does not import ComfyUI: the bridge passes the free memory and ComfyUI's interrupt check in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+from .decoder_tiles import Interrupt, TiledDecoder, attention_block, decoder_units, supports_tiling
+
+MEMORY_MODES = ("auto", "full", "checkpoint", "tiled")
+DEFAULT_MEMORY = "auto"
+BOUNDED_MODES = ("checkpoint", "tiled")
+"""Modes that need ComfyUI's KL decoder (:func:`decoder_tiles.supports_tiling`)."""
+
+ACTIVATION_FACTOR = {"full": 10.5, "checkpoint": 5.5, "tiled": 1.5}
+"""Peak activation bytes of one decoder gradient per byte of :func:`boundary_bytes` (the decoder's tensors
+between blocks), from the peak extra RSS measured on the SD3 VAE architecture in float32 on CPU
+(benchmarks/decoder_memory.py): full 10.1x at 128 px and 8.9x at 256 px, checkpoint 5.3x and 3.8x; tiled
+keeps the boundary tensors plus two gradient maps of one level (about 1.4x) and one band's graph (added
+separately)."""
+
+TILED_BAND_PIXELS = 1 << 16
+"""Pixels per band of the tiled mode at the resolution of each unit (its graph: a few KB per pixel)."""
+
+TILED_BAND_BYTES_PER_PIXEL = 12 * 1024
+"""Bytes per band pixel of one band's graph in the tiled mode (float32, the SD3 VAE's 128 channels at the
+output level; measured about 14 KB per pixel at 256 px with the whole output level in one band, less with
+more bands), added to the tiled estimate for ``min(band, image)`` pixels."""
+
+FULL_FALLBACK_FACTOR = 4.0
+"""For decoders without a structural estimate (TAESD): the gradient's activations as a multiple of ComfyUI's
+own estimate of the decode's memory (``VAE.memory_used_decode``)."""
+
+
+def check_memory_mode(memory: str) -> str:
+    if memory not in MEMORY_MODES:
+        raise ValueError(f"memory must be one of {MEMORY_MODES}, got {memory!r}")
+    return memory
+
+
+def kl_decoder(first_stage_model: torch.nn.Module) -> torch.nn.Module | None:
+    """The KL ``Decoder`` inside a (private copy of) ``vae.first_stage_model`` when the bounded modes can run it,
+    else ``None``."""
+    decoder = getattr(first_stage_model, "decoder", None)
+    if not isinstance(decoder, torch.nn.Module) or supports_tiling(decoder) is not None:
+        return None
+    if getattr(first_stage_model, "bn", None) is not None:   # Flux 2's batch-normalised, patchified latents
+        return None
+    return decoder
+
+
+def boundary_bytes(decoder: torch.nn.Module, latent_shape: tuple[int, ...], element_size: int = 4) -> int:
+    """Bytes of the decoder's tensors between its blocks (every unit output but the image) for a latent of
+    ``latent_shape`` (B, C, h, w): the unit of the estimates."""
+    b, _, h, w = latent_shape
+    units = decoder_units(decoder)
+    return sum(b * u.target.channels * h * u.target.scale * w * u.target.scale * element_size for u in units[:-1])
+
+
+def activation_bytes(decoder: torch.nn.Module, mode: str, latent_shape: tuple[int, ...],
+                     element_size: int = 4) -> int:
+    """Estimated peak bytes (beyond the weights) of one decoder gradient in ``mode`` for a latent of
+    ``latent_shape``."""
+    base = boundary_bytes(decoder, latent_shape, element_size)
+    estimate = ACTIVATION_FACTOR[mode] * base
+    if mode == "tiled":
+        b, _, h, w = latent_shape
+        scale = decoder_units(decoder)[-1].source.scale
+        band = min(TILED_BAND_PIXELS, h * w * scale * scale)
+        estimate += band * TILED_BAND_BYTES_PER_PIXEL * b * element_size / 4
+    return int(estimate)
+
+
+class MemoryPlan(NamedTuple):
+    mode: str
+    """The mode the run uses ("full", "checkpoint" or "tiled")."""
+    estimate: int
+    """Its estimated activation bytes for one gradient."""
+    estimates: dict[str, int]
+    """Every available mode's estimate."""
+
+
+def plan_memory(requested: str, first_stage_model: torch.nn.Module, latent_shape: tuple[int, ...],
+                free_bytes: int | None, *, fallback_bytes: int = 0) -> MemoryPlan:
+    """The mode for ``requested`` ("auto" or a mode) and the decoder copy ``first_stage_model``.
+
+    latent_shape: (B, C, h, w) of what one decoder call gets (AFDPS: one chunk of particles).
+    free_bytes: the memory free for activations (``None``: unknown, "auto" then picks "full").
+    fallback_bytes: the full mode's estimate for a decoder the bounded modes cannot run (ComfyUI's).
+    Raises ValueError for an unknown mode or a bounded mode on a decoder that has none.
+    """
+    check_memory_mode(requested)
+    decoder = kl_decoder(first_stage_model)
+    if decoder is None:
+        if requested in BOUNDED_MODES:
+            inner = getattr(first_stage_model, "decoder", first_stage_model)
+            reason = supports_tiling(inner) if isinstance(inner, torch.nn.Module) else None
+            raise ValueError(f"memory {requested!r} needs ComfyUI's KL VAE decoder (SD3, SD3.5, Flux, SDXL), but "
+                             f"this VAE's decoder is {type(inner).__name__}"
+                             f"{f' ({reason})' if reason else ''}: use memory 'full' or 'auto'")
+        return MemoryPlan("full", fallback_bytes, {"full": fallback_bytes})
+    estimates = {m: activation_bytes(decoder, m, latent_shape) for m in ("full", "checkpoint", "tiled")}
+    if requested != "auto":
+        return MemoryPlan(requested, estimates[requested], estimates)
+    if free_bytes is None:
+        return MemoryPlan("full", estimates["full"], estimates)
+    mode = next((m for m in ("full", "checkpoint") if estimates[m] <= free_bytes), "tiled")
+    return MemoryPlan(mode, estimates[mode], estimates)
+
+
+# --- the decode functions -------------------------------------------------------------------------------------
+
+
+def _no_interrupt() -> None:
+    return None
+
+
+def checkpointed_decode(decoder: torch.nn.Module, z: Tensor, interrupt: Interrupt = _no_interrupt) -> Tensor:
+    """ComfyUI's KL ``Decoder.forward`` with every block under activation checkpointing (non-reentrant) and the
+    mid-block attention without its N x N matrix; the same function of ``z`` (B, C, h, w)."""
+    if not (torch.is_grad_enabled() and z.requires_grad):
+        return _forward(decoder, z, interrupt, lambda f, h: f(h))
+    return _forward(decoder, z, interrupt, lambda f, h: checkpoint(f, h, use_reentrant=False))
+
+
+def _forward(decoder: torch.nn.Module, z: Tensor, interrupt: Interrupt,
+             run: Callable[[Callable[[Tensor], Tensor], Tensor], Tensor]) -> Tensor:
+    def step(module: torch.nn.Module, *args: Any) -> Callable[[Tensor], Tensor]:
+        def f(h: Tensor) -> Tensor:
+            interrupt()
+            return module(h, *args)
+        return f
+
+    def attention(h: Tensor) -> Tensor:
+        return attention_block(decoder.mid.attn_1, h, interrupt)
+
+    def head(h: Tensor) -> Tensor:
+        interrupt()
+        return decoder.conv_out(torch.nn.functional.silu(decoder.norm_out(h)))
+
+    h = decoder.conv_in(z)
+    h = run(step(decoder.mid.block_1, None), h)
+    h = run(attention, h)
+    h = run(step(decoder.mid.block_2, None), h)
+    for level in reversed(range(decoder.num_resolutions)):
+        for block in decoder.up[level].block:
+            h = run(step(block, None), h)
+        if level != 0:
+            h = run(step(decoder.up[level].upsample), h)
+    out: Tensor = run(head, h)
+    return out
+
+
+def decode_function(first_stage_model: torch.nn.Module, mode: str,
+                    interrupt: Interrupt = _no_interrupt) -> Callable[[Tensor], Tensor]:
+    """``first_stage_model.decode`` (VAE-space latent -> image in about [-1, 1]) computed in ``mode``."""
+    if mode == "full":
+        return first_stage_model.decode  # type: ignore[no-any-return]
+    if mode not in BOUNDED_MODES:
+        raise ValueError(f"memory mode must be one of ('full', {', '.join(map(repr, BOUNDED_MODES))}), got {mode!r}")
+    decoder = kl_decoder(first_stage_model)
+    if decoder is None:
+        raise ValueError(f"memory {mode!r} needs ComfyUI's KL VAE decoder")
+    pre = getattr(first_stage_model, "post_quant_conv", None)
+    pre = pre if isinstance(pre, torch.nn.Module) else torch.nn.Identity()
+    if mode == "checkpoint":
+        return lambda z: checkpointed_decode(decoder, pre(z), interrupt)
+    from .decoder_tiles import tiled_decode
+
+    engine = TiledDecoder(decoder, band_pixels=TILED_BAND_PIXELS, interrupt=interrupt)
+    return lambda z: tiled_decode(engine, pre(z))
