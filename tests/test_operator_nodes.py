@@ -237,7 +237,7 @@ def test_mask_value_one_half_counts_as_known(comfy, photo, invert):
     assert result.output("sim", 1).sum() == 0
     torch.testing.assert_close(result.output("sim", 0), photo, rtol=0, atol=1e-6)
     node = schema(comfy, "FlowDPSOperatorMaskInpaint")
-    assert "exactly 0.5 counts as known" in node.description
+    assert "exactly 0.5 counts as keep" in node.description
     assert ">= 0.5" not in node.description
 
 

@@ -223,6 +223,8 @@ async function openTemplate({ module, name }) {
     const c = dialog.locator(`[data-testid="${id}"]`);
     await c.scrollIntoViewIfNeeded();
     const img = c.locator('img').first();
+    // the card renders its <img> only once it has been scrolled into view (lazily, later on a loaded machine)
+    await img.waitFor({ state: 'attached', timeout: 15000 }).catch(() => {});
     const picture = (await img.count()) ? await img.evaluate(async (el) => {
       for (let i = 0; i < 100 && !el.complete; i++) await new Promise((r) => setTimeout(r, 50));
       return { src: el.currentSrc || el.src, loaded: el.complete && el.naturalWidth > 0, width: el.naturalWidth };
