@@ -612,16 +612,38 @@ def pinv_links(measurement: tuple[str, str] = ("photo", "IMAGE")) -> tuple[Link,
             Link("pinv", "image", "pinv_preview", "images"))
 
 
+RESTORE_HEIGHT = {"FlowDPSRestore": 474, "AFDPSRestore": 494}
+"""Body heights the editor gives the Restore nodes (one row of 24 px per widget, measured in the frontend)."""
+LIFT = 20
+"""Graph px by which column C of a lifted layout starts higher than the others (:class:`Layout`)."""
+
+
 @dataclass
 class Layout:
     """The four columns of a workflow: the note and model (A), the photo (B), the restore node (C), the result (D,
-    and E for more results)."""
+    and E for more results).
 
-    a: Column = field(default_factory=lambda: Column("A"))
-    b: Column = field(default_factory=lambda: Column("B"))
-    c: Column = field(default_factory=lambda: Column("C"))
-    d: Column = field(default_factory=lambda: Column("D"))
-    e: Column = field(default_factory=lambda: Column("E"))
+    ``lift``: column C (prompts and the restore node, the tallest column) starts ``lift`` graph px above the
+    others, and the stored view moves up by as much (:meth:`view`), so the other columns appear where they always
+    do and column C's group title sits in the top bar's free band between the workflow name and the Run button
+    (which cover only the left and right of that band). Used where the AFDPS Restore node would otherwise end
+    below a 1366x768 screen."""
+
+    lift: int = 0
+    a: Column = field(init=False)
+    b: Column = field(init=False)
+    c: Column = field(init=False)
+    d: Column = field(init=False)
+    e: Column = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.a, self.b, self.d, self.e = (Column(name, top=self.lift) for name in "ABDE")
+        self.c = Column("C")
+
+    def view(self) -> tuple[float, tuple[int, int]] | None:
+        """The stored view (``None``: :data:`VIEW`)."""
+        scale, (ox, oy) = VIEW
+        return (scale, (ox, oy - self.lift)) if self.lift else None
 
     def groups(self) -> tuple[Group, ...]:
         return tuple(g for col in (self.a, self.b, self.c, self.d, self.e) for g in col.groups)
@@ -647,7 +669,7 @@ def restore_workflow(task: Task, name: str, serial: int, *, prior: Prior | None 
                      folder: str = "") -> Workflow:
     """The Restore-node workflow of a task: note + model | photo + operator | prompts + restore | result."""
     prior = prior or sd3_prior()
-    layout = Layout()
+    layout = Layout(lift=LIFT if afdps else 0)
     method = "AFDPS" if afdps else "FlowDPS"
     steps = [prior.model_step, task.photo_step, task.result_step]
     family = "" if prior.slug == "sd3" else f" with {prior.label}"
@@ -669,7 +691,7 @@ def restore_workflow(task: Task, name: str, serial: int, *, prior: Prior | None 
     nodes += prompt_nodes(layout, prior)
     restore_type = "AFDPSRestore" if afdps else "FlowDPSRestore"
     widgets = {**prior.sampling, **({} if afdps else task.restore_widgets)}
-    nodes.append(c.add("restore", restore_type, 470 if afdps else 450, widgets))
+    nodes.append(c.add("restore", restore_type, RESTORE_HEIGHT[restore_type], widgets))
     c.end()
 
     d, e = layout.d, layout.e
@@ -705,7 +727,8 @@ def restore_workflow(task: Task, name: str, serial: int, *, prior: Prior | None 
         e.end()
         links.append(Link("operator", "kernel", "kernel_preview", "images"))
     return Workflow(name, serial, tuple(nodes), tuple(links), layout.groups(),
-                    task=task.label + family, sampler=f"{method} Restore", inputs=task.inputs, folder=folder)
+                    task=task.label + family, sampler=f"{method} Restore", inputs=task.inputs, folder=folder,
+                    view=layout.view())
 
 
 def simulate_then_restore(name: str, serial: int) -> Workflow:
