@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
+from . import memory_hooks
 from .afdps_nodes import AFDPSRestore, AFDPSSampler
 from .info import FlowDPSInfo
 from .measurement_nodes import MEASUREMENT_NODES
@@ -19,7 +20,11 @@ from .sampler_nodes import FlowChefSampler, FlowDPSSampler, FlowDPSSigmas, PSLDS
 class FlowDPSExtension(ComfyExtension):
     """Registers every node of the pack with ComfyUI."""
 
+    async def on_load(self) -> None:
+        memory_hooks.install()
+
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        memory_hooks.install()  # ComfyUI 0.3.75's loader calls get_node_list but not on_load
         return [FlowDPSInfo, *OPERATOR_NODES, *MEASUREMENT_NODES, FlowDPSSampler, FlowChefSampler, PSLDSampler,
                 FlowDPSSigmas, FlowDPSRestore, AFDPSSampler, AFDPSRestore]
 
