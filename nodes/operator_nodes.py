@@ -9,6 +9,7 @@ builds its operator; their messages name the node's widgets.
 
 from __future__ import annotations
 
+import comfy.model_management as mm
 import torch
 from comfy_api.latest import io
 
@@ -30,10 +31,10 @@ from ..operators import (
     Identity,
     Inpainting,
     PaperGaussianBlur,
-    box_mask,
     gaussian_blur,
+    lazy_box_mask,
+    lazy_random_mask,
     motion_blur,
-    random_mask,
     validate_kernel,
 )
 from . import messages
@@ -292,8 +293,33 @@ class BoxInpaintOperator(io.ComfyNode):
 
     @classmethod
     def execute(cls, width, height, box_left, box_top, box_width, box_height) -> io.NodeOutput:
-        keep = box_mask(height, width, box_top, box_left, box_height, box_width)
-        return io.NodeOutput(Inpainting(keep), comfy_mask_from_keep_mask(keep))
+        recipe = lazy_box_mask(height, width, box_top, box_left, box_height, box_width)
+        check_mask_memory(cls, height, width, MASK_BYTES_PER_PIXEL)
+        return io.NodeOutput(Inpainting.lazy(recipe), comfy_box_mask(height, width, box_top, box_left,
+                                                                     box_height, box_width))
+
+
+MASK_BYTES_PER_PIXEL = 4
+"""Bytes per pixel of a node's MASK output (float32)."""
+RANDOM_MASK_BYTES_PER_PIXEL = 4 + 8 + 4
+"""Bytes per pixel while a random mask is drawn: the keep-mask, the permutation (int64) and the MASK output."""
+
+
+def check_mask_memory(node: type[io.ComfyNode], height: int, width: int, bytes_per_pixel: int) -> None:
+    """Refuse, before any allocation, a mask output larger than the memory ComfyUI reports free on the CPU."""
+    need = height * width * bytes_per_pixel
+    free = int(mm.get_free_memory(torch.device("cpu")))
+    if need > free:
+        raise ValueError(f"{node.define_schema().display_name}: a {width}x{height} mask needs about "
+                         f"{need / 2**30:.1f} GiB but only {free / 2**30:.1f} GiB is free; set 'width' and "
+                         "'height' to your photo's size")
+
+
+def comfy_box_mask(height: int, width: int, top: int, left: int, box_height: int, box_width: int) -> torch.Tensor:
+    """ComfyUI MASK ``(1, height, width)`` of a box: 1 inside (to fill), 0 elsewhere (one allocation)."""
+    mask = torch.zeros(1, height, width)
+    mask[:, top: top + box_height, left: left + box_width] = 1.0
+    return mask
 
 
 BOX_FRACTION_INPUTS = (("box_left", 0.25, "Left edge of the box, as a fraction of the photo's width (0 = left "
@@ -344,8 +370,9 @@ class RelativeBoxInpaintOperator(io.ComfyNode):
             messages.note(cls.define_schema().display_name,
                           f"the box reaches past the photo's edge; it was cut there (box {box_w}x{box_h} px at "
                           f"({left}, {top}) of a {width}x{height} photo)")
-        keep = box_mask(height, width, top, left, box_h, box_w)
-        return io.NodeOutput(Inpainting(keep), comfy_mask_from_keep_mask(keep))
+        recipe = lazy_box_mask(height, width, top, left, box_h, box_w)
+        check_mask_memory(cls, height, width, MASK_BYTES_PER_PIXEL)
+        return io.NodeOutput(Inpainting.lazy(recipe), comfy_box_mask(height, width, top, left, box_h, box_w))
 
 
 class RandomInpaintOperator(io.ComfyNode):
@@ -370,8 +397,9 @@ class RandomInpaintOperator(io.ComfyNode):
 
     @classmethod
     def execute(cls, width, height, missing_ratio, seed) -> io.NodeOutput:
-        keep = random_mask(height, width, missing_ratio, torch.Generator().manual_seed(seed))
-        return io.NodeOutput(Inpainting(keep), comfy_mask_from_keep_mask(keep))
+        op = Inpainting.lazy(lazy_random_mask(height, width, missing_ratio, seed))
+        check_mask_memory(cls, height, width, RANDOM_MASK_BYTES_PER_PIXEL)
+        return io.NodeOutput(op, comfy_mask_from_keep_mask(op.mask))
 
 
 class MaskInpaintOperator(io.ComfyNode):

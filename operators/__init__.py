@@ -32,8 +32,11 @@ from .blur import (
 from .inpainting import (
     KEEP_THRESHOLD,
     Inpainting,
+    LazyMask,
     box_mask,
     fit_mask,
+    lazy_box_mask,
+    lazy_random_mask,
     random_mask,
 )
 from .motion import MOTION_INTENSITY, MOTION_KERNEL_SIZE, motion_kernel
@@ -77,6 +80,7 @@ __all__ = [
     "Grayscale",
     "Identity",
     "Inpainting",
+    "LazyMask",
     "LinearOperator",
     "PaperGaussianBlur",
     "ParameterError",
@@ -86,6 +90,8 @@ __all__ = [
     "fit_mask",
     "gaussian_blur",
     "gaussian_kernel",
+    "lazy_box_mask",
+    "lazy_random_mask",
     "motion_blur",
     "motion_kernel",
     "paper_channel_scales",

@@ -86,6 +86,11 @@ def tensor_cache(max_bytes: int) -> Callable[[F], F]:
     return wrap
 
 
+def cached_tensor_bytes() -> int:
+    """Bytes held by all :func:`tensor_cache` caches together."""
+    return sum(cache.bytes for cache in _CACHES)
+
+
 def clear_tensor_caches() -> int:
     """Empty every :func:`tensor_cache`; returns the bytes released from the caches."""
     released = 0

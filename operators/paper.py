@@ -77,6 +77,7 @@ from torch import Tensor
 
 from .base import LinearOperator, check_finite_float, check_odd_size, work_dtype
 from .cache import tensor_cache
+from .interrupt import check_interrupt
 from .separable import apply_separable
 
 PAPER_GAUSSIAN_KERNEL_SIZE = 61
@@ -125,10 +126,14 @@ def paper_gaussian_svd(
     """``(U, s_t, V)`` of the official 1-D matrix (float64, cached): ``U, V: (n, n)``, ``s_t: (n,)``.
 
     ``paper_gaussian_matrix(n) = U diag(s) V^T`` with ``s`` in descending order, and ``s_t`` is ``s`` with
-    every value below ``threshold`` set to zero, so ``U diag(s_t) V^T`` is the truncated 1-D blur.
+    every value below ``threshold`` set to zero, so ``U diag(s_t) V^T`` is the truncated 1-D blur. A pending
+    interrupt (:func:`~.interrupt.check_interrupt`) raises before the matrix and before its SVD are computed.
     """
+    check_interrupt()
     with torch.inference_mode(False):
-        u, s, vh = torch.linalg.svd(paper_gaussian_matrix(n, kernel_size, sigma))
+        matrix = paper_gaussian_matrix(n, kernel_size, sigma)
+        check_interrupt()
+        u, s, vh = torch.linalg.svd(matrix)
         return u, torch.where(s < threshold, torch.zeros_like(s), s), vh.T.contiguous()
 
 
@@ -170,6 +175,7 @@ def paper_channel_scales(
     threshold: float = PAPER_SVD_THRESHOLD,
 ) -> Tensor:
     """Per-channel weights ``(channels, height, width)`` (float64, cached) of the official operator."""
+    check_interrupt()
     with torch.inference_mode(False):
         s_rows = paper_gaussian_svd(height, kernel_size, sigma, threshold)[1]
         s_cols = paper_gaussian_svd(width, kernel_size, sigma, threshold)[1]

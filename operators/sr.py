@@ -15,6 +15,7 @@ from torch import Tensor
 
 from .base import LinearOperator, Shape, check_image_shape, check_positive_int
 from .cache import tensor_cache
+from .interrupt import check_interrupt
 from .separable import apply_separable
 
 PAPER_SR_FACTOR = 12
@@ -116,8 +117,10 @@ def bicubic_matrices(n: int, factor: int) -> tuple[Tensor, Tensor]:
     4f taps for even f as in the official ``SRConv``), normalised to sum 1, and indices outside [0, n) are
     folded back by half-sample symmetric reflection. In the interior this is exactly PyTorch's
     ``F.interpolate(..., mode="bicubic", antialias=True)``; PyTorch instead truncates and renormalises the
-    taps at the border.
+    taps at the border. A pending interrupt (:func:`~.interrupt.check_interrupt`) raises before the matrix and
+    before its pseudo-inverse (an SVD) are computed.
     """
+    check_interrupt()
     with torch.inference_mode(False):
         h = n // factor
         centres = (torch.arange(h, dtype=torch.float64) + 0.5) * factor
@@ -127,6 +130,7 @@ def bicubic_matrices(n: int, factor: int) -> tuple[Tensor, Tensor]:
         cols = symmetric_index(taps, n).expand(h, -1)
         rows = torch.arange(h)[:, None].expand_as(cols)
         matrix = torch.zeros(h, n, dtype=torch.float64).index_put_((rows, cols), weights, accumulate=True)
+        check_interrupt()
         return matrix, torch.linalg.pinv(matrix)
 
 

@@ -3,6 +3,8 @@ SaveImage, the pseudo-inverse preview, and clear node errors for bad inputs."""
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -319,3 +321,33 @@ def test_server_reports_operator_errors_and_keeps_serving(comfy_server):
     outcome = comfy_server.run(graph(4))
     assert outcome.status == "success", outcome.error
     assert len(outcome.images()) == 1
+
+
+@pytest.mark.parametrize("op_class", ["FlowDPSOperatorBoxInpaint", "FlowDPSOperatorRandomInpaint"])
+def test_a_mask_larger_than_the_free_memory_is_refused_before_it_is_built(comfy, photo, monkeypatch, op_class):
+    import comfy.model_management as mm
+    from flowdps.operators import inpainting
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a full-size mask was built before the memory check")
+
+    monkeypatch.setattr(inpainting, "box_mask", refuse)
+    monkeypatch.setattr(inpainting, "random_mask", refuse)
+    monkeypatch.setattr(mm, "get_free_memory", lambda *args, **kwargs: 2**29)
+    inputs = ({"box_left": 0, "box_top": 0, "box_width": 8, "box_height": 8}
+              if op_class.endswith("BoxInpaint") else {"missing_ratio": 0.5, "seed": 0})
+    started = time.perf_counter()
+    error = error_of(comfy, simulate_graph(op_class, {"width": 16384, "height": 16384, **inputs}, prefix="huge"))
+    assert time.perf_counter() - started < 10
+    assert error.node_id == "op"
+    assert "a 16384x16384 mask needs about" in error.message
+    assert "only 0.5 GiB is free" in error.message
+
+
+def test_the_box_nodes_mask_output_is_the_operators_mask_inverted(comfy):
+    node = comfy.node_classes["FlowDPSOperatorBoxInpaint"]
+    op, mask = node.execute(width=10, height=6, box_left=3, box_top=1, box_width=4, box_height=2).result
+    assert not op.mask_built
+    assert mask.shape == (1, 6, 10)
+    assert torch.equal(mask, 1.0 - op.mask[:, 0])
+    assert float(mask.sum()) == 8
