@@ -6,8 +6,9 @@ The loop of ``samplers/afdps.py`` drives small objects chosen by table (``afdps_
 bit for bit against that function on 1680 configurations (variant x potential x weights x pixel / linear /
 tanh decoder x kappa clip x chunk size x resampling scheme x dtype, plus prior runs, NaN quarantine and
 out-of-memory retries). This file keeps a fingerprint of one small float64 run per path through the loop,
-recorded from the previous implementation (commit ef04d84), compared to 1e-9 relative (not bit for bit, so that
-another CPU's float64 kernels cannot fail it), and checks that the chunk size only changes rounding.
+recorded from the previous implementation (commit ef04d84), compared to :data:`REL` relative (not bit for bit:
+another CPU's kernels give other roundings, which the SMC run amplifies), and checks that the chunk size only
+changes rounding.
 """
 
 import math
@@ -182,16 +183,25 @@ GOLDEN = {
 """Fingerprints of the previous implementation (commit ef04d84), from :func:`fingerprint` of :func:`run`."""
 
 
+REL = 1e-5
+"""Relative tolerance of the float fingerprints. Measured: with scalar kernels (ATEN_CPU_CAPABILITY=default,
+MKL_CBWR=COMPATIBLE, ONEDNN_MAX_CPU_ISA=SSE41) the same code moved them by up to 3.5e-7 relative from the values
+recorded with this machine's vectorised (AVX-512) kernels (5 steps of weights, resampling and exp/log amplify float64 rounding),
+so 1e-9 failed on other kernels; 1e-5 leaves a margin of about 30x. Small real changes stay far above it:
+one more probe for the gamma^2 estimate moved them by 1.6e-3 to 0.73 (wherever gamma^2 is used), the SDE
+ending of issue 17 by 1 to 5; and the integer parts (sample index, resampling count and pattern) are compared exactly."""
+
+
 def assert_fingerprints_match(actual, expected):
     assert actual[:3] == expected[:3]                      # sample index, resampling count and pattern
     for a, e in zip(actual[3:], expected[3:], strict=True):
         if isinstance(e, list):
             assert len(a) == len(e)
-            assert a == pytest.approx(e, rel=1e-9, abs=1e-12)
+            assert a == pytest.approx(e, rel=REL, abs=1e-12)
         elif math.isnan(e):
             assert math.isnan(a)
         else:
-            assert a == pytest.approx(e, rel=1e-9, abs=1e-12)
+            assert a == pytest.approx(e, rel=REL, abs=1e-12)
 
 
 @pytest.mark.parametrize("name", list(CASES))
