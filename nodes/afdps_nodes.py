@@ -24,6 +24,7 @@ import torch
 from comfy_api.latest import io
 
 from ..samplers import AFDPSConfig, AFDPSResult, sample_afdps
+from . import messages
 from .bridge import (
     FlowModel,
     RestorationProblem,
@@ -36,7 +37,6 @@ from .bridge import (
     restore,
     run_seed,
     sampler_generator,
-    show_on_node,
 )
 from .common import (
     CATEGORY_ROOT,
@@ -320,7 +320,7 @@ def show_uncertainty_state(results: list[AFDPSResult]) -> str:
     returns the text (also logged)."""
     text = "\n".join(f"image {item}: {uncertainty_line(result)}" for item, result in enumerate(results))
     logger.info("%s: %s", RESTORE_NAME, text)
-    show_on_node(text)
+    messages.show(text)
     return text
 
 

@@ -15,7 +15,6 @@ term with a differentiable decoder). Every sampler function of the pack is built
 * private copies (ComfyUI's weights are inference tensors): memory room on a GPU (:func:`make_room`) and the
   lifecycle of a copy (:func:`released`, :func:`decoder_copy`);
 * the Restore nodes' run through ComfyUI's own sampling path (:func:`restore`);
-* a line of text on the executing node in the frontend (:func:`show_on_node`);
 * the KSAMPLER functions of FlowDPS / FlowChef (:func:`sample_posterior`) and PSLD (:func:`sample_psld`), which
   keep only their differences (AFDPS's ``Sampler``, ``afdps_nodes.py``, is built from the same pieces).
 """
@@ -273,13 +272,6 @@ def _identity(x: torch.Tensor) -> torch.Tensor:
 
 
 # --- private copies -------------------------------------------------------------------------------------------
-
-
-def show_on_node(text: str) -> bool:
-    """Show ``text`` on the node being executed, in the frontend, together with the node's other messages of
-    this run (:func:`.messages.show`: ComfyUI's ``send_progress_text``). Returns whether it was sent; without a
-    server or outside a node it does nothing, and it never raises."""
-    return messages.show(text)
 
 
 def make_room(nbytes: int, device: torch.device, keep: Any = None) -> None:

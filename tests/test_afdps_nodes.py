@@ -245,11 +245,11 @@ def test_restore_shows_the_uncertainty_state_on_the_node(comfy, photo, monkeypat
     a server (every other test here) nothing is sent and nothing fails."""
     import types
 
-    bridge = comfy.pack_module("nodes.bridge")
-    assert bridge.show_on_node("no server") is False
+    messages = comfy.pack_module("nodes.messages")
+    assert messages.show("no server") is False
     fake = _ProgressTextServer()
     monkeypatch.setitem(sys.modules, "server", types.SimpleNamespace(PromptServer=types.SimpleNamespace(instance=fake)))
-    assert bridge.show_on_node("no node executing") is False                 # outside a node: nothing sent
+    assert messages.show("no node executing") is False                 # outside a node: nothing sent
     result = comfy.run(restore_graph("box_inpaint", sigma_y=0.01), fresh=True).raise_for_error()
     report = result.output("restore", 5)
     ((text, node_id),) = fake.texts
