@@ -82,7 +82,14 @@ def worker(size: int, mode: str, grad_path: str | None) -> dict:
     device = torch.device("cuda" if cuda else "cpu")
     models = Path(os.environ["FLOWDPS_MODELS"])
     vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(str(models / "vae" / VAE_FILE)))
-    decoder = GradDecoder(vae, None, device=device, memory=mode)
+    mode, _, gib = mode.partition("@")
+    keep_budget, estimate = None, None
+    if gib:            # the tiled mode planned for this much free activation memory (what "auto" would do)
+        from flowdps.nodes.decoder_memory import kl_decoder, tiled_budget
+
+        keep_budget, estimate = tiled_budget(kl_decoder(vae.first_stage_model), (1, 16, size // 8, size // 8),
+                                             int(float(gib) * 2**30))
+    decoder = GradDecoder(vae, None, device=device, memory=mode, keep_budget=keep_budget)
     del vae
     g = torch.Generator().manual_seed(0)
     z = torch.randn(1, 16, size // 8, size // 8, generator=g).to(device)
@@ -100,12 +107,22 @@ def worker(size: int, mode: str, grad_path: str | None) -> dict:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     peak = rss_hwm_mib()[1] - base
-    result = {"size": size, "mode": mode, "time_s": seconds, "peak_mib": peak, "device": str(device)}
+    result = {"size": size, "mode": mode + (f"@{gib}" if gib else ""), "time_s": seconds, "peak_mib": peak,
+              "device": str(device)}
+    if estimate is not None:
+        result.update(estimate_mib=estimate / 2**20, keep_budget_mib=(keep_budget or 0) / 2**20)
     if cuda:
         result["cuda_peak_mib"] = (torch.cuda.max_memory_allocated() - base_cuda) / 2**20
     if grad_path:
         torch.save(grad.cpu(), grad_path)
     return result
+
+
+def _mode(text: str) -> str:
+    name, _, gib = text.partition("@")
+    if name not in MODES or (gib and (name != "tiled" or not gib.replace(".", "", 1).isdigit())):
+        raise argparse.ArgumentTypeError(f"expected one of {MODES} or tiled@GIB, got {text!r}")
+    return text
 
 
 def compare(grad_path: str, reference_path: str) -> dict:
@@ -123,19 +140,20 @@ def markdown(results: list[dict], env: dict) -> str:
         "float32, batch 1. Peak: extra resident memory of the gradient (CUDA: max allocated); error against "
         "the full mode's gradient at the same size (the reference column).",
         "",
-        "| size | mode | peak MiB | time s | time / full | cosine | rel L2 | reference |",
-        "|---:|---|---:|---:|---:|---:|---:|---|",
+        "| size | mode | peak MiB | estimate MiB | time s | time / full | cosine | rel L2 | reference |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     full = {r["size"]: r for r in results if r["mode"] == "full" and "error" not in r}
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['size']} | {r['mode']} | - | - | - | - | - | {r['error']} |")
+            lines.append(f"| {r['size']} | {r['mode']} | - | - | - | - | - | - | {r['error']} |")
             continue
         peak = r.get("cuda_peak_mib", r["peak_mib"])
         ratio = f"{r['time_s'] / full[r['size']]['time_s']:.2f}" if r["size"] in full else "-"
         cos = f"{r['cosine']:.7f}" if "cosine" in r else "-"
         rel = f"{r['rel_l2']:.1e}" if "rel_l2" in r else "-"
-        lines.append(f"| {r['size']} | {r['mode']} | {peak:.0f} | {r['time_s']:.1f} | {ratio} | {cos} | {rel} "
+        est = f"{r['estimate_mib']:.0f}" if "estimate_mib" in r else "-"
+        lines.append(f"| {r['size']} | {r['mode']} | {peak:.0f} | {est} | {r['time_s']:.1f} | {ratio} | {cos} | {rel} "
                      f"| {r.get('reference', '-')} |")
     return "\n".join(lines) + "\n"
 
@@ -143,7 +161,9 @@ def markdown(results: list[dict], env: dict) -> str:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
-    p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    p.add_argument("--modes", nargs="+", default=list(MODES), type=_mode,
+                   help=f"of {', '.join(MODES)}; 'tiled@GIB': the tiled mode planned for GIB GiB of free activation "
+                        "memory (it then keeps only part of the decoder's tensors)")
     p.add_argument("--skip", nargs="*", default=[], metavar="SIZE:MODE",
                    help="runs to leave out (e.g. 512:full where plain autograd does not fit)")
     p.add_argument("--budget-s", type=float, default=1800.0, help="skip the remaining runs after this many seconds")

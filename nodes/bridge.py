@@ -365,6 +365,7 @@ def decoder_copy(problem: RestorationProblem, flow: FlowModel, device: torch.dev
         make_room(decoder_weight_bytes(vae) + wanted.estimate, device, keep=keep)
     plan = plan_decoder_memory(problem, latent_shape, device, node)
     with released(GradDecoder(vae, flow.process_latent_out, device=device, memory=plan.mode,
+                              keep_budget=plan.keep_budget,
                               interrupt=mm.throw_exception_if_processing_interrupted)) as decoder:
         yield decoder
 
@@ -564,6 +565,7 @@ def sample_psld(model, x, sigmas, extra_args=None, callback=None, disable=None, 
     plan = plan_decoder_memory(problem, tuple(x.shape), x.device, "PSLD")
     with (contextlib.ExitStack() as copies,
           released(GradDecoder(vae, flow.process_latent_out, device=x.device, memory=plan.mode,
+                               keep_budget=plan.keep_budget,
                                interrupt=mm.throw_exception_if_processing_interrupted)) as decoder,
           released(GradEncoder(vae, flow.process_latent_in, device=x.device)) as encoder):
         op, y = problem.on(x.device)

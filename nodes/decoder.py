@@ -120,6 +120,7 @@ class GradDecoder(PrivateVAEPart):
             "tiled" (the same gradient with less memory; ComfyUI's KL decoder only). No "auto" here: the
             bridge resolves it from the image size and the free memory.
         interrupt: called between blocks / bands in the bounded modes (ComfyUI's interrupt check).
+        keep_budget: the tiled mode's bytes of kept tensors (``decoder_memory.tiled_budget``; ``None``: all).
 
     Calling it maps ``z: (B, C, h, w)`` in model space to an image ``(B, 3, 8h, 8w)`` in about [-1, 1],
     unclamped, float32 (float64 for a float64 copy). Inside :func:`grad_enabled` gradients flow to ``z`` only
@@ -130,11 +131,12 @@ class GradDecoder(PrivateVAEPart):
 
     def __init__(self, vae, process_out: Callable[[torch.Tensor], torch.Tensor] | None = None, *,
                  device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
-                 memory: str = "full", interrupt: Callable[[], None] | None = None) -> None:
+                 memory: str = "full", interrupt: Callable[[], None] | None = None,
+                 keep_budget: int | None = None) -> None:
         super().__init__(vae, process_out, device=device, dtype=dtype)
         assert self.module is not None
         self.memory = memory
-        self._decode = decode_function(self.module, memory, interrupt or _no_interrupt)
+        self._decode = decode_function(self.module, memory, interrupt or _no_interrupt, keep_budget)
 
     def _run(self, module: torch.nn.Module, z: torch.Tensor) -> torch.Tensor:
         return self._decode(self.latent_map(z) if self.latent_map is not None else z)

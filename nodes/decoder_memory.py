@@ -50,6 +50,11 @@ TILED_BAND_BYTES_PER_PIXEL = 12 * 1024
 output level; measured about 14 KB per pixel at 256 px with the whole output level in one band, less with
 more bands), added to the tiled estimate for ``min(band, image)`` pixels."""
 
+TILED_LEAN_MAPS = 1.5
+"""Full-size float32 gradient maps (of the output level's channels) that the tiled mode's backward pass holds at
+its peak when it keeps only part of the decoder's tensors (:func:`tiled_budget`; lean ResNet blocks): the
+gradient of the unit's output, and behind the last upsampling also its input's (half a map)."""
+
 FULL_FALLBACK_FACTOR = 4.0
 """For decoders without a structural estimate (TAESD): the gradient's activations as a multiple of ComfyUI's
 own estimate of the decode's memory (``VAE.memory_used_decode``)."""
@@ -87,11 +92,43 @@ def activation_bytes(decoder: torch.nn.Module, mode: str, latent_shape: tuple[in
     base = boundary_bytes(decoder, latent_shape, element_size)
     estimate = ACTIVATION_FACTOR[mode] * base
     if mode == "tiled":
-        b, _, h, w = latent_shape
-        scale = decoder_units(decoder)[-1].source.scale
-        band = min(TILED_BAND_PIXELS, h * w * scale * scale)
-        estimate += band * TILED_BAND_BYTES_PER_PIXEL * b * element_size / 4
+        estimate += _band_bytes(decoder, latent_shape, element_size)
     return int(estimate)
+
+
+def _band_bytes(decoder: torch.nn.Module, latent_shape: tuple[int, ...], element_size: int) -> int:
+    b, _, h, w = latent_shape
+    scale = decoder_units(decoder)[-1].source.scale
+    band = min(TILED_BAND_PIXELS, h * w * scale * scale)
+    return int(band * TILED_BAND_BYTES_PER_PIXEL * b * element_size / 4)
+
+
+def tiled_budget(decoder: torch.nn.Module, latent_shape: tuple[int, ...], free_bytes: int | None,
+                 element_size: int = 4) -> tuple[int | None, int]:
+    """``(keep_budget, estimate)`` of the tiled mode for ``free_bytes`` of activation memory.
+
+    Everything the backward pass needs is kept when that fits (or ``free_bytes`` is unknown): ``(None,
+    activation_bytes(..., "tiled"))``. Otherwise ``keep_budget`` is the bytes of the decoder's tensors between
+    units to keep, lowest resolution first as :class:`TiledDecoder` keeps them (latent-resolution ones always),
+    the rest recomputed band by band (slower); the estimate is what is kept plus :data:`TILED_LEAN_MAPS`
+    gradient maps and one band's graph. When even that is over ``free_bytes`` the estimate says so (the caller
+    refuses the run).
+    """
+    keep_all = activation_bytes(decoder, "tiled", latent_shape, element_size)
+    if free_bytes is None or keep_all <= free_bytes:
+        return None, keep_all
+    b, _, h, w = latent_shape
+    units = decoder_units(decoder)
+    top = units[-1].source
+    fixed = int(TILED_LEAN_MAPS * b * top.channels * h * top.scale * w * top.scale * 4)
+    fixed += _band_bytes(decoder, latent_shape, element_size)
+    budget = max(int(free_bytes) - fixed, 0)
+    kept = 0
+    for unit in units[:-1]:
+        size = b * unit.target.channels * h * unit.target.scale * w * unit.target.scale * element_size
+        if unit.target.scale == 1 or kept + size <= budget:
+            kept += size
+    return budget, fixed + kept
 
 
 class MemoryPlan(NamedTuple):
@@ -101,6 +138,8 @@ class MemoryPlan(NamedTuple):
     """Its estimated activation bytes for one gradient."""
     estimates: dict[str, int]
     """Every available mode's estimate."""
+    keep_budget: int | None = None
+    """The tiled mode's bytes of kept tensors (:func:`tiled_budget`; ``None``: all of them)."""
 
 
 def plan_memory(requested: str, first_stage_model: torch.nn.Module, latent_shape: tuple[int, ...],
@@ -122,13 +161,15 @@ def plan_memory(requested: str, first_stage_model: torch.nn.Module, latent_shape
                              f"this VAE's decoder is {type(inner).__name__}"
                              f"{f' ({reason})' if reason else ''}: use memory 'full' or 'auto'")
         return MemoryPlan("full", fallback_bytes, {"full": fallback_bytes})
-    estimates = {m: activation_bytes(decoder, m, latent_shape) for m in ("full", "checkpoint", "tiled")}
+    estimates = {m: activation_bytes(decoder, m, latent_shape) for m in ("full", "checkpoint")}
+    keep_budget, estimates["tiled"] = tiled_budget(decoder, latent_shape, free_bytes)
     if requested != "auto":
-        return MemoryPlan(requested, estimates[requested], estimates)
-    if free_bytes is None:
-        return MemoryPlan("full", estimates["full"], estimates)
-    mode = next((m for m in ("full", "checkpoint") if estimates[m] <= free_bytes), "tiled")
-    return MemoryPlan(mode, estimates[mode], estimates)
+        mode = requested
+    elif free_bytes is None:
+        mode = "full"
+    else:
+        mode = next((m for m in ("full", "checkpoint") if estimates[m] <= free_bytes), "tiled")
+    return MemoryPlan(mode, estimates[mode], estimates, keep_budget if mode == "tiled" else None)
 
 
 # --- the decode functions -------------------------------------------------------------------------------------
@@ -174,9 +215,10 @@ def _forward(decoder: torch.nn.Module, z: Tensor, interrupt: Interrupt,
     return out
 
 
-def decode_function(first_stage_model: torch.nn.Module, mode: str,
-                    interrupt: Interrupt = _no_interrupt) -> Callable[[Tensor], Tensor]:
-    """``first_stage_model.decode`` (VAE-space latent -> image in about [-1, 1]) computed in ``mode``."""
+def decode_function(first_stage_model: torch.nn.Module, mode: str, interrupt: Interrupt = _no_interrupt,
+                    keep_budget: int | None = None) -> Callable[[Tensor], Tensor]:
+    """``first_stage_model.decode`` (VAE-space latent -> image in about [-1, 1]) computed in ``mode``
+    (``keep_budget``: the tiled mode's, :func:`tiled_budget`)."""
     if mode == "full":
         return first_stage_model.decode  # type: ignore[no-any-return]
     if mode not in BOUNDED_MODES:
@@ -190,5 +232,5 @@ def decode_function(first_stage_model: torch.nn.Module, mode: str,
         return lambda z: checkpointed_decode(decoder, pre(z), interrupt)
     from .decoder_tiles import tiled_decode
 
-    engine = TiledDecoder(decoder, band_pixels=TILED_BAND_PIXELS, interrupt=interrupt)
+    engine = TiledDecoder(decoder, band_pixels=TILED_BAND_PIXELS, keep_budget=keep_budget, interrupt=interrupt)
     return lambda z: tiled_decode(engine, pre(z))

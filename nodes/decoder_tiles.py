@@ -40,15 +40,27 @@ decoder would need ``11.25 + 0.5 + 3 + 0.25 + 1.5 + 0.125 + 0.75 + 0.125 = 17.5`
 which is why bands are synchronised at every unit instead of being run through the whole decoder.
 
 **Memory.** Full-size tensors held: the unit outputs that the backward pass needs (the residual stream at
-every block boundary; kept if they fit :attr:`TiledDecoder.store_budget`, otherwise recomputed band by band
-from the nearest kept one, which is slower), two gradient maps of the current level and one band's graph.
-For the SD3 VAE in float32 this is about 4 KB per output pixel with everything kept (1024 px: 4 GiB) and
-about 2.4 KB with the 8x level recomputed (2048 px: 9.6 GiB), against 30 KB for plain autograd.
+every block boundary), a ResNet block's gradient maps and one band's graph. Two regimes:
 
-**Cost.** The forward pass recomputes the first convolution of each block once more (its output is needed
-for the statistics before the block's output can be formed) and the backward pass runs every unit forward
-again inside its bands: on 2 CPU cores 2.3x the time of plain autograd at 256 px and 1.9x that of the
-checkpointed mode at 512 px (benchmarks/README.md).
+* *Keep everything* (``keep_budget=None``): about 3 KB per output pixel of kept tensors for the SD3 VAE in
+  float32 plus two gradient maps of the current level (1024 px: about 4 GiB in all). The forward pass then
+  also holds a block's upsampled input and its first convolution's output as temporaries, so that every layer
+  runs once (they stay below the backward pass's peak).
+* *A keep budget*: unit outputs are kept lowest resolution first while they fit ``keep_budget``; the others
+  are never materialised (the forward pass only gathers their GroupNorm statistics) and are recomputed band by
+  band from the nearest kept tensor when a backward pass reads them. ResNet blocks are then *lean*: the
+  gradient map of ``conv1``'s output is not held from the first pass to the second; the second pass redoes the
+  first pass's ``conv2`` VJP on its band (two more rows of halo) instead. A unit's own output is released
+  before its backward pass (only later units read it). At its peak the backward pass then holds the kept
+  tensors, 1.5 gradient maps of the output level and one band's graph (about 2.1-2.4 KB per output pixel for
+  the SD3 VAE: 2048 px within 12 GB; ``decoder_memory.tiled_budget`` plans it).
+
+**Cost.** ResNet blocks without an upsampling: the forward pass runs every layer once (held temporaries) and
+the backward pass ``conv1`` forward twice, ``conv1`` backward once, ``conv2`` forward and backward once; a block
+behind an upsampling also runs the upsampling's 3x3 convolution (its most expensive layer) three more times
+forward and twice backward, for GroupNorm's two synchronised passes. Counted in convolutions this is about
+1.7x plain autograd; measured on 2 CPU cores (benchmarks/README.md) 1.7-2x. Kept-budget runs add the
+recomputation of the tensors they did not keep.
 """
 
 from __future__ import annotations
@@ -165,11 +177,12 @@ class GroupStats:
     rstd: Tensor | None = None
 
     def add(self, t: Tensor) -> None:
-        """Add the values of a band ``t: (B, C, rows, W)`` (C divisible by ``groups``)."""
-        v = t.detach().reshape(t.shape[0], self.groups, -1).to(torch.float64)
+        """Add the values of a band ``t: (B, C, rows, W)`` (C divisible by ``groups``): the band's own mean and
+        squared deviations in float32 (torch's Welford reduction), combined with the earlier bands in float64."""
+        v = t.detach().reshape(t.shape[0], self.groups, -1)
         n = v.shape[-1]
-        mean = v.mean(-1)
-        m2 = (v - mean[..., None]).square().sum(-1)
+        var32, mean32 = torch.var_mean(v.float(), dim=-1, correction=0)
+        mean, m2 = mean32.double(), var32.double() * n
         if self.mean64 is None or self.m2 is None:
             self.count, self.mean64, self.m2 = n, mean, m2
             return
@@ -192,32 +205,33 @@ class GroupStats:
         return self.count
 
 
+def _per_channel(v: Tensor, channels: int) -> Tensor:
+    """A per-(batch, group) value (B, G) repeated over each group's channels: (B, C, 1, 1)."""
+    return v.repeat_interleave(channels // v.shape[1], dim=1)[..., None, None]
+
+
 def group_norm(x: Tensor, norm: torch.nn.GroupNorm, mean: Tensor, rstd: Tensor) -> Tensor:
     """``norm(x)`` with the given per-(batch, group) ``mean`` and ``rstd`` (B, G), computed in float32 (a 16-bit
-    ``x`` is upcast and the result cast back)."""
-    b, c = x.shape[:2]
-    g = norm.num_groups
-    xv = x.float().reshape(b, g, c // g, *x.shape[2:])
-    shape = (b, g) + (1,) * (xv.ndim - 2)
-    y = ((xv - mean.reshape(shape)) * rstd.reshape(shape)).reshape(x.shape)
-    weight = norm.weight.float().reshape(1, c, *([1] * (x.ndim - 2)))
-    bias = norm.bias.float().reshape(1, c, *([1] * (x.ndim - 2)))
-    return (y * weight + bias).to(x.dtype)
+    ``x`` is upcast and the result cast back) as one per-channel affine map ``x * scale + shift`` (one pass over
+    ``x``; differentiable in ``x``, ``mean`` and ``rstd``). Its rounding differs from ``(x - mean) * rstd``
+    by about ``eps_f32 * |mean| * rstd`` relative, within the float32 bounds the tests measure."""
+    c = x.shape[1]
+    scale = norm.weight.float()[None, :, None, None] * _per_channel(rstd, c)
+    shift = norm.bias.float()[None, :, None, None] - _per_channel(mean, c) * scale
+    return torch.addcmul(shift, x.float(), scale).to(x.dtype)
 
 
 def stats_gradient(t: Tensor, stats: GroupStats, l_mean: Tensor, l_rstd: Tensor) -> Tensor:
     """``dmean/dt^T l_mean + drstd/dt^T l_rstd`` for a band ``t: (B, C, rows, W)`` of the normalised tensor:
-    ``l_mean / N - l_rstd rstd^3 (t - mean) / N`` per group (N values per group), float32."""
+    ``l_mean / N - l_rstd rstd^3 (t - mean) / N`` per group (N values per group), float32, computed as the
+    per-channel affine map ``t * a + b`` in one pass."""
     assert stats.mean is not None
     assert stats.rstd is not None
-    b, c = t.shape[:2]
-    g = stats.groups
-    tv = t.float().reshape(b, g, c // g, *t.shape[2:])
-    shape = (b, g) + (1,) * (tv.ndim - 2)
-    n = float(stats.count)
-    field_ = (l_mean.reshape(shape) - l_rstd.reshape(shape) * stats.rstd.reshape(shape) ** 3
-              * (tv - stats.mean.reshape(shape))) / n
-    return field_.reshape(t.shape)
+    c, n = t.shape[1], float(stats.count)
+    slope = -l_rstd * stats.rstd ** 3 / n
+    a = _per_channel(slope, c)
+    b = _per_channel(l_mean / n - slope * stats.mean, c)
+    return torch.addcmul(b, t.float(), a)
 
 
 # --- the units ------------------------------------------------------------------------------------------------
@@ -371,16 +385,26 @@ class TiledDecoder:
             first (the rest is recomputed from the nearest kept tensor, band by band: slower). ``None``: keep
             everything. Latent-resolution tensors are always kept.
         interrupt: called between bands (ComfyUI's interrupt check); may raise.
+        hold_temporaries: whether the forward pass holds a block's upsampled input and its first convolution's
+            output as full-size temporaries (faster: nothing recomputed in the forward pass; the temporaries
+            stay below the backward pass's peak when everything is kept). ``None``: when ``keep_budget`` is
+            ``None``.
+        lean: whether a ResNet block's backward pass does without the full-size gradient map of its first
+            convolution's output (one map of the block's resolution less; its second convolution's VJP is
+            redone inside each band of the second pass instead). ``None``: when ``keep_budget`` is set.
     """
 
     def __init__(self, decoder: torch.nn.Module, *, band_pixels: int = 1 << 17, keep_budget: int | None = None,
-                 interrupt: Interrupt = _no_interrupt) -> None:
+                 interrupt: Interrupt = _no_interrupt, hold_temporaries: bool | None = None,
+                 lean: bool | None = None) -> None:
         reason = supports_tiling(decoder)
         if reason is not None:
             raise ValueError(f"tiled decoding is not available: {reason}")
         self.decoder = decoder
         self.band_pixels = max(1, int(band_pixels))
         self.keep_budget = keep_budget
+        self.hold_temporaries = keep_budget is None if hold_temporaries is None else hold_temporaries
+        self.lean = keep_budget is not None if lean is None else lean
         self.interrupt = interrupt
         self.units = decoder_units(decoder)
         self.tensors = [self.units[0].source, *(u.target for u in self.units)]
@@ -482,17 +506,22 @@ class TiledDecoder:
             kept = 0
             for unit in self.units:
                 self.interrupt()
+                last = unit is self.units[-1]
+                size = self._bytes(unit.target, run, z.shape[0])
+                stays = keep and (unit.target.scale == 1 or budget is None or kept + size <= budget)
+                if keep and not stays and not last:      # not kept: only its statistics, never materialised
+                    self._forward_unit(unit, run, z.shape[0], materialize=False)
+                    run.dropped.add(unit.target)
+                    continue
                 out = self._forward_unit(unit, run, z.shape[0])
-                if unit is self.units[-1]:
+                if last:
                     if not keep:
                         run.release()
                     return out, run
-                size = out.numel() * out.element_size()
-                stays = keep and (unit.target.scale == 1 or budget is None or kept + size <= budget)
                 kept += size if stays else 0
                 run.values[unit.target] = out
                 if unit.source in run.dropped:
-                    del run.values[unit.source]
+                    run.values.pop(unit.source, None)
                 if not stays:
                     run.dropped.add(unit.target)
         raise AssertionError("unreachable")
@@ -502,13 +531,26 @@ class TiledDecoder:
             run.stats[key] = GroupStats(norm.num_groups, norm.eps)
         return run.stats[key]
 
-    def _forward_unit(self, unit: Unit, run: Run, batch: int) -> Tensor:
+    def _bytes(self, t: Tensor2D, run: Run, batch: int) -> int:
+        dtype = next(self.decoder.parameters()).dtype
+        return batch * t.channels * run.height * t.scale * run.width * t.scale * dtype.itemsize
+
+    def _forward_unit(self, unit: Unit, run: Run, batch: int, materialize: bool = True) -> Tensor | None:
+        """The unit's output (``None`` with ``materialize=False``: only the statistics of the GroupNorm that
+        normalises it are gathered, band by band, from recomputed rows)."""
         t = unit.target
         consumer = self._stats(t, t.norm, run) if t.norm is not None else None
         if isinstance(unit, Attention):
             out = attention_block(unit.block, run.values[unit.source], self.interrupt)
             if consumer is not None:
                 consumer.add(out)
+                consumer.freeze()
+            return out
+        if isinstance(unit, Block) and self.hold_temporaries and materialize and unit.source in run.values:
+            out = self._forward_block_held(unit, run, batch)
+            if consumer is not None:
+                for lo, hi in self.bands(t, run):
+                    consumer.add(out[:, :, lo:hi])
                 consumer.freeze()
             return out
         if isinstance(unit, Block):
@@ -531,15 +573,59 @@ class TiledDecoder:
                 s_mid.add(self.first_half(unit, x, run)[:, :, lo - x_lo:hi - x_lo])
             s_mid.freeze()
         dtype = next(self.decoder.parameters()).dtype
-        out = torch.empty(self.shape(t, run, batch), dtype=dtype, device=run.values[self.units[0].source].device)
+        out = None
+        if materialize:
+            out = torch.empty(self.shape(t, run, batch), dtype=dtype, device=run.values[self.units[0].source].device)
         for lo, hi in self.bands(t, run):
             self.interrupt()
             rows = self.unit_rows(unit, lo, hi, run)
-            out[:, :, lo:hi] = rows
+            if out is not None:
+                out[:, :, lo:hi] = rows
             if consumer is not None:
                 consumer.add(rows)
         if consumer is not None:
             consumer.freeze()
+        return out
+
+    @staticmethod
+    def _slab(x: Tensor, lo: int, hi: int, halo: int) -> tuple[Tensor, int]:
+        """Rows ``[lo - halo, hi + halo)`` of ``x`` clipped to its height, and the offset of row ``lo`` in them."""
+        first = max(lo - halo, 0)
+        return x[:, :, first:min(hi + halo, x.shape[2])], lo - first
+
+    def _forward_block_held(self, unit: Block, run: Run, batch: int) -> Tensor:
+        """A ResNet block's forward pass with its (upsampled) input and ``conv1``'s output held as full-size
+        temporaries: every layer runs once, as in the module's own forward pass (the path without them runs
+        the upsampling three times and ``conv1`` twice to get the statistics without holding anything)."""
+        t, b = unit.target, unit.block
+        src = run.values[unit.source]
+        height, width = run.height * t.scale, run.width * t.scale
+        if unit.upsample is None:
+            x = src
+            run.stats[(unit, "in")] = run.stats[unit.source]
+        else:
+            x = src.new_empty((batch, unit.source.channels, height, width))
+            s_in = self._stats((unit, "in"), b.norm1, run)
+            for lo, hi in self.bands(t, run):
+                self.interrupt()
+                rows, first = self.rows(unit.source, (lo - 1) // 2, (hi + 1) // 2 + 1, run)
+                x[:, :, lo:hi] = self.block_input(unit, rows, first, lo, hi, run)[0]
+                s_in.add(x[:, :, lo:hi])
+            s_in.freeze()
+        h1 = src.new_empty((batch, t.channels, height, width))
+        s_mid = self._stats((unit, "mid"), b.norm2, run)
+        for lo, hi in self.bands(t, run):
+            self.interrupt()
+            slab, at = self._slab(x, lo, hi, 1)
+            h1[:, :, lo:hi] = self.first_half(unit, slab, run)[:, :, at:at + hi - lo]
+            s_mid.add(h1[:, :, lo:hi])
+        s_mid.freeze()
+        out = torch.empty_like(h1)
+        for lo, hi in self.bands(t, run):
+            self.interrupt()
+            slab, at = self._slab(h1, lo, hi, 1)
+            h = b.conv2(_silu(group_norm(slab, b.norm2, *self._mean_rstd((unit, "mid"), run, None))))
+            out[:, :, lo:hi] = self.shortcut(unit, x[:, :, lo:hi]) + h[:, :, at:at + hi - lo]
         return out
 
     # ---- backward --------------------------------------------------------------------------------------
@@ -550,8 +636,8 @@ class TiledDecoder:
         try:
             for unit in reversed(self.units):
                 self.interrupt()
+                run.values.pop(unit.target, None)   # only the later units' backward passes read it
                 grad = self._backward_unit(unit, grad, run)
-                run.values.pop(unit.target, None)
         finally:
             run.release()
         return grad
@@ -614,46 +700,62 @@ class TiledDecoder:
         height = run.height * t.scale
         identity = unit.upsample is None and b.in_channels == b.out_channels
         # the gradient with respect to the source; for an identity shortcut it starts as the output's gradient,
-        # updated in place (the passes below read their seeds from g_h1, never from grad again)
+        # updated in place by pass 2 (pass 1 reads grad before that; pass 2 reads grad only for a shortcut that is
+        # not the identity)
         g_src = grad if identity else self._zeros(src, run, grad.shape[0], grad.device)
-        g_h1 = self._zeros(t, run, grad.shape[0], grad.device)
+        lean = self.lean
+        g_h1 = None if lean else self._zeros(t, run, grad.shape[0], grad.device)
         lam_mid: tuple[Tensor, Tensor] | None = None
-        for lo, hi in self.bands(t, run):   # pass 1: shortcut + conv2(silu(norm2(h1))), norm2 frozen
+        for lo, hi in self.bands(t, run):   # pass 1: conv2(silu(norm2(h1))), norm2 frozen
             self.interrupt()
-            s, first = self.rows(src, (lo - 4) // r, (hi + 3) // r + 1, run)
+            s, first = self.rows(src, (lo - 3) // r, (hi + 2) // r + 1, run)
             h_lo, h_hi = max(lo - 1, 0), min(hi + 1, height)
             with torch.no_grad():
                 x, x_lo = self.block_input(unit, s, first, h_lo - 1, h_hi + 1, run)
                 h1 = self.first_half(unit, x, run)[:, :, h_lo - x_lo:h_hi - x_lo]
-            with torch.inference_mode(False), torch.enable_grad():
-                h_leaf = self._leaf(h1)
-                mid = self._stats_leaves((unit, "mid"), run)
-                h = b.conv2(_silu(group_norm(h_leaf, b.norm2, *mid)))[:, :, lo - h_lo:hi - h_lo]
-                if identity:
-                    out, ins = h, (h_leaf, *mid)          # the shortcut's gradient is grad itself
-                else:
-                    s_leaf = self._leaf(s)
-                    x_core, _ = self.block_input(unit, s_leaf, first, lo, hi, run)
-                    out, ins = self.shortcut(unit, x_core) + h, (h_leaf, *mid, s_leaf)
-                grads = torch.autograd.grad(out, ins, grad[:, :, lo:hi].to(out.dtype))
-            g_h1[:, :, h_lo:h_hi] += grads[0]
-            lam_mid = (_add(lam_mid[0] if lam_mid else None, grads[1]), _add(lam_mid[1] if lam_mid else None, grads[2]))
-            if not identity:
-                g_src[:, :, first:first + s.shape[2]] += grads[3]
+            g, lam = self._conv2_vjp(unit, h1, h_lo, grad, lo, hi, run, need_input=not lean)
+            if g_h1 is not None:
+                g_h1[:, :, h_lo:h_hi] += g
+            lam_mid = (_add(lam_mid[0] if lam_mid else None, lam[0]), _add(lam_mid[1] if lam_mid else None, lam[1]))
         assert lam_mid is not None
         lam_in: tuple[Tensor, Tensor] | None = None
-        for lo, hi in self.bands(t, run):   # pass 2: conv1(silu(norm1(x))), seeded with norm2's statistics too
-            self.interrupt()
-            s, first = self.rows(src, (lo - 3) // r, (hi + 2) // r + 1, run)
+        carry: tuple[int, Tensor] | None = None
+        halo = 3 if lean else 1            # lean: conv1's output two rows wider, to redo pass 1's conv2 on the band
+        for lo, hi in self.bands(t, run):   # pass 2: conv1(silu(norm1(x))) seeded with norm2's statistics too,
+            self.interrupt()                # and the shortcut (when it is not the identity) on the same input
+            s, first = self.rows(src, (lo - halo - 2) // r, (hi + halo + 1) // r + 1, run)
             with torch.inference_mode(False), torch.enable_grad():
                 s_leaf = self._leaf(s)
                 inn = self._stats_leaves((unit, "in"), run)
-                x, x_lo = self.block_input(unit, s_leaf, first, lo - 1, hi + 1, run)
-                h1 = self.first_half(unit, x, run, inn)[:, :, lo - x_lo:hi - x_lo]
-                seed = g_h1[:, :, lo:hi] + stats_gradient(h1.detach(), run.stats[(unit, "mid")], *lam_mid)
-                grads = torch.autograd.grad(h1, (s_leaf, *inn), seed.to(h1.dtype))
-            g_src[:, :, first:first + s.shape[2]] += grads[0]
+                x, x_lo = self.block_input(unit, s_leaf, first, lo - halo, hi + halo, run)
+                h1_all = self.first_half(unit, x, run, inn)
+                if lean:                    # g_h1 of the band, complete: conv2's VJP on rows lo - 1 .. hi + 1
+                    e_lo, e_hi = max(lo - 2, 0), min(hi + 2, height)
+                    c_lo, c_hi = max(lo - 1, 0), min(hi + 1, height)
+                    g_ext, _ = self._conv2_vjp(unit, h1_all[:, :, e_lo - x_lo:e_hi - x_lo].detach(), e_lo, grad,
+                                               c_lo, c_hi, run, need_input=True, need_stats=False)
+                    g_band = g_ext[:, :, lo - e_lo:hi - e_lo]
+                else:
+                    assert g_h1 is not None
+                    g_band = g_h1[:, :, lo:hi]
+                h1 = h1_all[:, :, lo - x_lo:hi - x_lo]
+                seed = g_band + stats_gradient(h1.detach(), run.stats[(unit, "mid")], *lam_mid)
+                outs, seeds = [h1], [seed.to(h1.dtype)]
+                if not identity:
+                    core = self.shortcut(unit, x[:, :, lo - x_lo:hi - x_lo])
+                    outs.append(core)
+                    seeds.append(grad[:, :, lo:hi].to(core.dtype))
+                grads = torch.autograd.grad(outs, (s_leaf, *inn), seeds)
+            # an identity block's g_src is grad itself, which a lean pass reads two rows around the next band:
+            # the rows from hi - 2 on are added only after that band has read them
+            split = hi - 2 - first if lean and identity else grads[0].shape[2]
+            if carry is not None:
+                g_src[:, :, carry[0]:carry[0] + carry[1].shape[2]] += carry[1]
+            g_src[:, :, first:first + min(split, grads[0].shape[2])] += grads[0][:, :, :split]
+            carry = (first + split, grads[0][:, :, split:]) if split < grads[0].shape[2] else None
             lam_in = (_add(lam_in[0] if lam_in else None, grads[1]), _add(lam_in[1] if lam_in else None, grads[2]))
+        if carry is not None:
+            g_src[:, :, carry[0]:carry[0] + carry[1].shape[2]] += carry[1]
         del g_h1
         assert lam_in is not None
         if unit.upsample is None:           # pass 3: norm1's statistics' gradient, on the block's input
@@ -669,6 +771,23 @@ class TiledDecoder:
                 (g,) = torch.autograd.grad(x, s_leaf, seed.to(x.dtype))
             g_src[:, :, first:first + s.shape[2]] += g
         return g_src
+
+
+    def _conv2_vjp(self, unit: Block, h1: Tensor, h_lo: int, grad: Tensor, lo: int, hi: int, run: Run, *,
+                   need_input: bool, need_stats: bool = True) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """The VJP of ``conv2(silu(norm2(h1)))`` (norm2's statistics frozen) for its output rows ``[lo, hi)``,
+        seeded with ``grad``'s rows: the gradient with respect to ``h1`` (rows from ``h_lo``; the rows next to a
+        slab edge that is not the image border get only part of it) and with respect to norm2's mean and rstd."""
+        b = unit.block
+        with torch.inference_mode(False), torch.enable_grad():
+            h_leaf = self._leaf(h1)
+            mid = self._stats_leaves((unit, "mid"), run) if need_stats else self._mean_rstd((unit, "mid"), run, None)
+            h = b.conv2(_silu(group_norm(h_leaf, b.norm2, *mid)))[:, :, lo - h_lo:hi - h_lo]
+            wanted = ((h_leaf,) if need_input else ()) + (tuple(mid) if need_stats else ())
+            grads = torch.autograd.grad(h, wanted, grad[:, :, lo:hi].to(h.dtype))
+        g_in = grads[0] if need_input else h1.new_zeros(0)
+        lam = (grads[-2], grads[-1]) if need_stats else (h1.new_zeros(0), h1.new_zeros(0))
+        return g_in, lam
 
 
 class _TiledDecode(torch.autograd.Function):

@@ -72,18 +72,30 @@ def _gradient(decode, z: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, t
     return image.detach(), g
 
 
-@pytest.mark.parametrize(("batch", "h", "w", "band_pixels", "keep_budget"), [
-    (1, 5, 3, 64, None),       # odd sides, one latent row per band: every halo and band edge
-    pytest.param(2, 3, 4, 100, 0, marks=pytest.mark.slow),  # batch 2, nothing above the latent level kept:
-                                                             # every tensor recomputed band by band
-    (1, 9, 3, 1 << 17, None),  # tall and narrow, one band per level
+def _keep_all_but_top(engine, h: int, w: int, batch: int, top_kept: int) -> int:
+    """A keep budget for everything below the output level plus its first ``top_kept`` block outputs."""
+    kept = engine.kept_bytes(h, w, batch, 4)
+    top = max(t.scale for t in engine.tensors)
+    names = [t.name for t in engine.tensors[1:-1] if t.scale == top]
+    return sum(v for n, v in kept.items() if n not in names) + sum(kept[n] for n in names[:top_kept])
+
+
+@pytest.mark.parametrize(("batch", "h", "w", "band_pixels", "keep", "lean"), [
+    (1, 5, 3, 64, None, False),  # odd sides, one latent row per band: every halo and band edge
+    (1, 5, 3, 64, None, True),   # the same with lean ResNet blocks (no map of conv1's gradient)
+    pytest.param(2, 3, 4, 100, 0, None, marks=pytest.mark.slow),  # batch 2, nothing above the latent level
+                                                                  # kept: every tensor recomputed band by band
+    (1, 9, 3, 1 << 17, None, None),  # tall and narrow, one band per level
+    (1, 6, 4, 150, 1, None),     # all but the output level's last two tensors: recomputed from the first, lean
 ])
-def test_tiled_gradient_equals_plain_autograd(decoder, batch, h, w, band_pixels, keep_budget):
+def test_tiled_gradient_equals_plain_autograd(decoder, batch, h, w, band_pixels, keep, lean):
     from flowdps.nodes.decoder_tiles import TiledDecoder, tiled_decode
 
     z, weight = _problem(batch, h, w)
     image, g = _gradient(decoder, z, weight)
-    engine = TiledDecoder(decoder, band_pixels=band_pixels, keep_budget=keep_budget)
+    engine = TiledDecoder(decoder, band_pixels=band_pixels)
+    budget = None if keep is None else 0 if keep == 0 else _keep_all_but_top(engine, h, w, batch, keep)
+    engine = TiledDecoder(decoder, band_pixels=band_pixels, keep_budget=budget, lean=lean)
     tiled_image, tiled_g = _gradient(lambda t: tiled_decode(engine, t), z, weight)
     assert tiled_image.shape == image.shape == (batch, 3, 8 * h, 8 * w)
     assert _rel(tiled_image, image) <= TWO_F32_REL_L2
@@ -91,6 +103,38 @@ def test_tiled_gradient_equals_plain_autograd(decoder, batch, h, w, band_pixels,
     # batch items are independent: the second item's gradient is not the first's
     if batch > 1:
         assert _rel(tiled_g[1], tiled_g[0]) > 0.1
+
+
+def test_tiled_forward_never_materialises_what_it_does_not_keep(decoder):
+    """With a keep budget the forward pass holds exactly the kept tensors: the others (here the output level's
+    last two) only contribute their GroupNorm statistics, so they never take memory."""
+    from flowdps.nodes.decoder_tiles import TiledDecoder
+
+    z, _ = _problem(1, 4, 3)
+    probe = TiledDecoder(decoder, band_pixels=150)
+    budget = _keep_all_but_top(probe, 4, 3, 1, 1)
+    engine = TiledDecoder(decoder, band_pixels=150, keep_budget=budget)
+    assert engine.lean
+    assert not engine.hold_temporaries
+    sizes: list[int] = []
+    original = engine._forward_unit
+
+    def spy(unit, run, batch, materialize=True):
+        out = original(unit, run, batch, materialize)
+        sizes.append(sum(v.numel() * v.element_size() for v in run.values.values()))
+        return out
+
+    engine._forward_unit = spy
+    image, run = engine.forward(z)
+    top = max(t.scale for t in engine.tensors)
+    dropped = {t.name for t in run.dropped}
+    assert dropped == {t.name for t in engine.tensors[1:-1] if t.scale == top}.difference(
+        [next(t.name for t in engine.tensors[1:-1] if t.scale == top)])
+    assert not dropped.intersection(t.name for t in run.values)
+    held = sum(v.numel() * v.element_size() for v in run.values.values()) - z.numel() * 4
+    assert held == budget
+    assert max(sizes) - z.numel() * 4 <= budget      # at no point during the forward pass more than that
+    assert image.shape == (1, 3, 32, 24)
 
 
 def test_checkpointed_gradient_equals_plain_autograd(decoder):
@@ -204,6 +248,40 @@ def test_auto_mode_follows_free_memory(full_vae):
     assert plan_memory("auto", model, shape, full - 1).mode == "checkpoint"
     assert plan_memory("auto", model, shape, checkpoint - 1).mode == "tiled"
     assert plan_memory("checkpoint", model, shape, 0).mode == "checkpoint"
+
+
+def test_tiled_budget_plans_what_the_engine_keeps(full_vae):
+    """The tiled mode's plan for a given free memory: everything when it fits; else a keep budget under which the
+    engine keeps exactly the bytes the estimate counts (estimate = kept + gradient maps + one band), an estimate
+    that decreases with the free memory and stays within it down to the minimum."""
+    from flowdps.nodes.decoder_memory import kl_decoder, plan_memory, tiled_budget
+    from flowdps.nodes.decoder_tiles import TiledDecoder
+
+    model = full_vae.first_stage_model
+    decoder = kl_decoder(model)
+    shape = (1, 16, 6, 5)
+    keep_all = plan_memory("tiled", model, shape, None)
+    assert keep_all.keep_budget is None
+    assert tiled_budget(decoder, shape, keep_all.estimate) == (None, keep_all.estimate)
+    minimum = tiled_budget(decoder, shape, 1)[1]
+    z = torch.randn(shape)
+    estimates, kept_seen = [], []
+    for fraction in (0.95, 0.8, 0.6):
+        free = minimum + int(fraction * (keep_all.estimate - minimum))
+        budget, estimate = tiled_budget(decoder, shape, free)
+        assert budget is not None
+        assert estimate <= free
+        plan = plan_memory("tiled", model, shape, free)
+        assert (plan.mode, plan.keep_budget, plan.estimate) == ("tiled", budget, estimate)
+        _, run = TiledDecoder(decoder, keep_budget=budget).forward(z)
+        kept = sum(v.numel() * v.element_size() for v in run.values.values()) - z.numel() * 4
+        estimates.append(estimate)
+        kept_seen.append(kept)
+    fixed = {e - k for e, k in zip(estimates, kept_seen, strict=True)}
+    assert len(fixed) == 1, fixed                     # the estimate moves exactly with what the engine keeps
+    assert estimates == sorted(estimates, reverse=True)
+    assert len(set(kept_seen)) > 1
+    assert tiled_budget(decoder, shape, minimum // 2)[1] == minimum   # over what is free: the bridge refuses
 
 
 # --- peak memory, each mode in its own process ----------------------------------------------------------------
