@@ -12,9 +12,17 @@ compute the same gradient with less:
 * ``"tiled"``: the exact band-by-band vector-Jacobian product of :mod:`.decoder_tiles` (GroupNorm statistics
   synchronised across bands), which holds a few full-size feature maps and one band's graph.
 
-``"auto"`` picks the first of full, checkpoint, tiled whose estimate (:func:`activation_bytes`) fits the
-memory ComfyUI reports free; "tiled" when none does (the bridge refuses the run if even that does not fit).
-Decoders other than the KL one (TAESD) only have "full".
+Each of the three layouts also runs on a bfloat16 copy of the decoder (``"full 16-bit"``, ``"checkpoint 16-bit"``,
+``"tiled 16-bit"``, :func:`split_mode`): about half the memory for full and checkpoint, 0.7-0.9x for tiled, and
+a gradient within a few percent of the float32 one (measured on the SD3 VAE architecture: cosine 0.9989-0.9995,
+relative L2 0.032-0.049; GroupNorm statistics, the attention scores and the tiled mode's gradient maps
+accumulate in float32). bfloat16 only: float16 overflows in SD-family VAEs.
+
+``"auto"`` picks the first of full, checkpoint, tiled whose estimate (:func:`activation_bytes`, plus the decoder
+copy's weights) fits the memory ComfyUI reports free; only when none does and the device computes bfloat16
+natively (``allow_16bit``), the first of the 16-bit modes that fits; the smallest mode when none does (the
+bridge refuses the run if even that does not fit). Decoders other than the KL one (TAESD) only have the full
+layout.
 
 This module does not import ComfyUI: the bridge passes the free memory and ComfyUI's interrupt check in.
 """
@@ -30,10 +38,17 @@ from torch.utils.checkpoint import checkpoint
 
 from .decoder_tiles import Interrupt, TiledDecoder, attention_block, decoder_units, supports_tiling
 
-MEMORY_MODES = ("auto", "full", "checkpoint", "tiled")
+LAYOUTS = ("full", "checkpoint", "tiled")
+"""How much of the decoder's forward pass a gradient keeps (the float32 modes' names)."""
+HALF_SUFFIX = " 16-bit"
+HALF_DTYPE = torch.bfloat16
+"""The 16-bit modes' dtype: bfloat16 (float16 overflows in SD-family VAEs)."""
+HALF_MODES = tuple(layout + HALF_SUFFIX for layout in LAYOUTS)
+MEMORY_MODES = ("auto", *LAYOUTS, *HALF_MODES)
+"""The ``memory`` widget's values; new ones are appended (saved workflows keep their values)."""
 DEFAULT_MEMORY = "auto"
 BOUNDED_MODES = ("checkpoint", "tiled")
-"""Modes that need ComfyUI's KL decoder (:func:`decoder_tiles.supports_tiling`)."""
+"""Layouts that need ComfyUI's KL decoder (:func:`decoder_tiles.supports_tiling`)."""
 
 ACTIVATION_FACTOR = {"full": 10.5, "checkpoint": 5.5, "tiled": 1.5}
 """Peak activation bytes of one decoder gradient per byte of :func:`boundary_bytes` (the decoder's tensors
@@ -41,6 +56,14 @@ between blocks), from the peak extra RSS measured on the SD3 VAE architecture in
 (benchmarks/decoder_memory.py): full 10.1x at 128 px and 8.9x at 256 px, checkpoint 5.3x and 3.8x; tiled
 keeps the boundary tensors plus two gradient maps of one level (about 1.4x) and one band's graph (added
 separately)."""
+
+HALF_ACTIVATION_FACTOR = {"full": 10.5, "checkpoint": 5.5, "tiled": 2.0}
+"""The same for the 16-bit modes, per byte of the bfloat16 boundary tensors. Full and checkpoint keep their
+float32 factors (measured peak extra RSS on CPU: full 16-bit 0.48-0.58x of full, checkpoint 16-bit 0.52-0.63x of
+checkpoint at 128-256 px, within these estimates). Tiled holds its two gradient maps in float32 (0.4x of the
+float32 boundary tensors, 0.8x of the bfloat16 ones) and its band's graph at the float32 rate (GroupNorm runs in
+float32 inside a band, :func:`decoder_tiles.group_norm`): measured 0.69-0.87x of the float32 tiled mode at
+256 px in paired runs (one unpaired benchmark run gave 1.2x; CPU peaks vary by 10-20 %), not half."""
 
 TILED_BAND_PIXELS = 1 << 16
 """Pixels per band of the tiled mode at the resolution of each unit (its graph: a few KB per pixel)."""
@@ -59,6 +82,37 @@ def check_memory_mode(memory: str) -> str:
     if memory not in MEMORY_MODES:
         raise ValueError(f"memory must be one of {MEMORY_MODES}, got {memory!r}")
     return memory
+
+
+def split_mode(mode: str) -> tuple[str, torch.dtype]:
+    """``(layout, dtype)`` of a memory mode other than "auto": ``"tiled 16-bit"`` -> ``("tiled", torch.bfloat16)``,
+    ``"tiled"`` -> ``("tiled", torch.float32)``. Raises ValueError for anything else."""
+    if mode in LAYOUTS:
+        return mode, torch.float32
+    if mode in HALF_MODES:
+        return mode[:-len(HALF_SUFFIX)], HALF_DTYPE
+    raise ValueError(f"memory mode must be one of {LAYOUTS + HALF_MODES}, got {mode!r}")
+
+
+def element_size(mode: str) -> int:
+    """Bytes per value of the decoder copy and its activations in ``mode`` (4, or 2 for a 16-bit mode)."""
+    return split_mode(mode)[1].itemsize
+
+
+def copy_bytes(float32_bytes: int, mode: str) -> int:
+    """Bytes of the decoder copy's weights in ``mode`` from those of the float32 copy (half for 16-bit)."""
+    return float32_bytes * element_size(mode) // 4
+
+
+def check_16bit_allowed(mode: str, working_dtypes: Any) -> None:
+    """Refuse a 16-bit mode for a VAE whose ``working_dtypes`` (``comfy.sd.VAE`` attribute: the dtypes ComfyUI
+    runs it in) do not include bfloat16 (ValueError naming the VAE's dtypes and the fix). ``None``: not known,
+    allowed."""
+    if mode not in HALF_MODES or working_dtypes is None or HALF_DTYPE in working_dtypes:
+        return
+    names = ", ".join(str(d).removeprefix("torch.") for d in working_dtypes)
+    raise ValueError(f"memory {mode!r} runs the decoder in bfloat16, but ComfyUI runs this VAE only in {names}: "
+                     f"use memory {split_mode(mode)[0]!r} (float32) or 'auto'")
 
 
 def kl_decoder(first_stage_model: torch.nn.Module) -> torch.nn.Module | None:
@@ -81,53 +135,67 @@ def boundary_bytes(decoder: torch.nn.Module, latent_shape: tuple[int, ...], elem
 
 
 def activation_bytes(decoder: torch.nn.Module, mode: str, latent_shape: tuple[int, ...],
-                     element_size: int = 4) -> int:
-    """Estimated peak bytes (beyond the weights) of one decoder gradient in ``mode`` for a latent of
-    ``latent_shape``."""
-    base = boundary_bytes(decoder, latent_shape, element_size)
-    estimate = ACTIVATION_FACTOR[mode] * base
-    if mode == "tiled":
+                     element_size: int | None = None) -> int:
+    """Estimated peak bytes (beyond the weights) of one decoder gradient in ``mode`` (a layout or a 16-bit mode)
+    for a latent of ``latent_shape`` (B, C, h, w); ``element_size``: bytes per value of the boundary tensors
+    (default: the mode's, 2 for a 16-bit mode). Full and checkpoint halve in 16 bits, tiled does not quite
+    (:data:`HALF_ACTIVATION_FACTOR`)."""
+    layout, dtype = split_mode(mode)
+    size = dtype.itemsize if element_size is None else element_size
+    base = boundary_bytes(decoder, latent_shape, size)
+    estimate = (ACTIVATION_FACTOR if size >= 4 else HALF_ACTIVATION_FACTOR)[layout] * base
+    if layout == "tiled":
         b, _, h, w = latent_shape
         scale = decoder_units(decoder)[-1].source.scale
         band = min(TILED_BAND_PIXELS, h * w * scale * scale)
-        estimate += band * TILED_BAND_BYTES_PER_PIXEL * b * element_size / 4
+        estimate += band * TILED_BAND_BYTES_PER_PIXEL * b * max(size, 4) / 4   # float32 at least (GroupNorm)
     return int(estimate)
 
 
 class MemoryPlan(NamedTuple):
     mode: str
-    """The mode the run uses ("full", "checkpoint" or "tiled")."""
+    """The mode the run uses (a layout or a 16-bit mode, never "auto")."""
     estimate: int
     """Its estimated activation bytes for one gradient."""
     estimates: dict[str, int]
-    """Every available mode's estimate."""
+    """The activation estimate of every mode considered (the 16-bit ones only when allowed or requested)."""
 
 
 def plan_memory(requested: str, first_stage_model: torch.nn.Module, latent_shape: tuple[int, ...],
-                free_bytes: int | None, *, fallback_bytes: int = 0) -> MemoryPlan:
+                free_bytes: int | None, *, fallback_bytes: int = 0, weight_bytes: int = 0,
+                allow_16bit: bool = False) -> MemoryPlan:
     """The mode for ``requested`` ("auto" or a mode) and the decoder copy ``first_stage_model``.
 
     latent_shape: (B, C, h, w) of what one decoder call gets (AFDPS: one chunk of particles).
-    free_bytes: the memory free for activations (``None``: unknown, "auto" then picks "full").
-    fallback_bytes: the full mode's estimate for a decoder the bounded modes cannot run (ComfyUI's).
+    free_bytes: the memory free for the decoder copy and its activations (``None``: unknown, "auto" then picks
+        "full").
+    fallback_bytes: the full layout's float32 estimate for a decoder the bounded modes cannot run (ComfyUI's).
+    weight_bytes: the float32 decoder copy's weights (:func:`copy_bytes` gives a mode's); 0 when ``free_bytes``
+        is already net of them.
+    allow_16bit: whether "auto" may fall back to the 16-bit modes (the device computes bfloat16 natively and the
+        VAE runs in it); "auto" tries them only when no float32 mode fits.
     Raises ValueError for an unknown mode or a bounded mode on a decoder that has none.
     """
     check_memory_mode(requested)
     decoder = kl_decoder(first_stage_model)
     if decoder is None:
-        if requested in BOUNDED_MODES:
+        if requested != "auto" and split_mode(requested)[0] in BOUNDED_MODES:
             inner = getattr(first_stage_model, "decoder", first_stage_model)
             reason = supports_tiling(inner) if isinstance(inner, torch.nn.Module) else None
+            fix = "'full 16-bit'" if requested in HALF_MODES else "'full'"
             raise ValueError(f"memory {requested!r} needs ComfyUI's KL VAE decoder (SD3, SD3.5, Flux, SDXL), but "
                              f"this VAE's decoder is {type(inner).__name__}"
-                             f"{f' ({reason})' if reason else ''}: use memory 'full' or 'auto'")
-        return MemoryPlan("full", fallback_bytes, {"full": fallback_bytes})
-    estimates = {m: activation_bytes(decoder, m, latent_shape) for m in ("full", "checkpoint", "tiled")}
+                             f"{f' ({reason})' if reason else ''}: use memory {fix} or 'auto'")
+        mode = "full" if requested == "auto" else requested
+        estimate = fallback_bytes * element_size(mode) // 4
+        return MemoryPlan(mode, estimate, {mode: estimate})
+    considered = LAYOUTS + (HALF_MODES if allow_16bit or requested in HALF_MODES else ())
+    estimates = {m: activation_bytes(decoder, m, latent_shape) for m in considered}
     if requested != "auto":
         return MemoryPlan(requested, estimates[requested], estimates)
     if free_bytes is None:
         return MemoryPlan("full", estimates["full"], estimates)
-    mode = next((m for m in ("full", "checkpoint") if estimates[m] <= free_bytes), "tiled")
+    mode = next((m for m in considered if estimates[m] + copy_bytes(weight_bytes, m) <= free_bytes), considered[-1])
     return MemoryPlan(mode, estimates[mode], estimates)
 
 
@@ -176,11 +244,11 @@ def _forward(decoder: torch.nn.Module, z: Tensor, interrupt: Interrupt,
 
 def decode_function(first_stage_model: torch.nn.Module, mode: str,
                     interrupt: Interrupt = _no_interrupt) -> Callable[[Tensor], Tensor]:
-    """``first_stage_model.decode`` (VAE-space latent -> image in about [-1, 1]) computed in ``mode``."""
+    """``first_stage_model.decode`` (VAE-space latent -> image in about [-1, 1]) computed in ``mode``'s layout
+    (the copy's dtype is the caller's: a 16-bit mode needs a bfloat16 copy and input)."""
+    mode = split_mode(mode)[0]
     if mode == "full":
         return first_stage_model.decode  # type: ignore[no-any-return]
-    if mode not in BOUNDED_MODES:
-        raise ValueError(f"memory mode must be one of ('full', {', '.join(map(repr, BOUNDED_MODES))}), got {mode!r}")
     decoder = kl_decoder(first_stage_model)
     if decoder is None:
         raise ValueError(f"memory {mode!r} needs ComfyUI's KL VAE decoder")
