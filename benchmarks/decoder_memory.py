@@ -3,10 +3,11 @@
 Run (after ``make setup``)::
 
     source .cache/env.sh && .venv/bin/python benchmarks/decoder_memory.py [--sizes 256 512] \\
-        [--modes full checkpoint tiled] [--budget-s 480]
+        [--modes full checkpoint tiled "tiled 16-bit"] [--budget-s 480] [--out /tmp/decoder_memory]
 
 One decoder gradient is what every FlowDPS data-consistency step costs on top of the transformer: decode the
-latent through the pack's private float32 decoder copy (``nodes.decoder.GradDecoder``) in the given memory mode,
+latent through the pack's private decoder copy (``nodes.decoder.GradDecoder``: float32, bfloat16 for the
+"... 16-bit" modes) in the given memory mode,
 take ``<w, D(z)>`` for a fixed random ``w``, back-propagate to ``z``. The decoder is the full-size SD3 VAE
 architecture with random weights (``tiny_sd3_vae_full.safetensors``). Every (size, mode) runs in its own worker
 process, sequentially. Per worker:
@@ -18,7 +19,7 @@ process, sequentially. Per worker:
 * ``time s``: wall time of the decode plus the backward pass (the first gradient of the process);
 * ``cosine`` and ``rel L2``: the gradient against the "full" mode's (plain autograd, float32) at the same size,
   when that ran, else against the "checkpoint" mode's (the same autograd arithmetic, blocks recomputed; used
-  where plain autograd does not fit the machine).
+  where plain autograd does not fit the machine). A 16-bit mode is always compared with a float32 one.
 
 Writes ``benchmarks/results/decoder_memory.json`` and ``.md`` (the table that benchmarks/README.md quotes).
 A lent GPU runs the same command (one short call: ``--sizes 512 1024 --budget-s 480``).
@@ -41,6 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 VAE_FILE = "tiny_sd3_vae_full.safetensors"
 MODES = ("full", "checkpoint", "tiled")
+ALL_MODES = (*MODES, *(f"{m} 16-bit" for m in MODES))
 
 
 def rss_hwm_mib() -> tuple[float, float]:
@@ -88,7 +90,7 @@ def worker(size: int, mode: str, grad_path: str | None) -> dict:
         from flowdps.nodes.decoder_memory import kl_decoder, tiled_budget
 
         keep_budget, estimate = tiled_budget(kl_decoder(vae.first_stage_model), (1, 16, size // 8, size // 8),
-                                             int(float(gib) * 2**30))
+                                             int(float(gib) * 2**30), mode)
     decoder = GradDecoder(vae, None, device=device, memory=mode, keep_budget=keep_budget)
     del vae
     g = torch.Generator().manual_seed(0)
@@ -120,8 +122,8 @@ def worker(size: int, mode: str, grad_path: str | None) -> dict:
 
 def _mode(text: str) -> str:
     name, _, gib = text.partition("@")
-    if name not in MODES or (gib and (name != "tiled" or not gib.replace(".", "", 1).isdigit())):
-        raise argparse.ArgumentTypeError(f"expected one of {MODES} or tiled@GIB, got {text!r}")
+    if name not in ALL_MODES or (gib and (not name.startswith("tiled") or not gib.replace(".", "", 1).isdigit())):
+        raise argparse.ArgumentTypeError(f"expected one of {ALL_MODES}, or a tiled mode @GIB, got {text!r}")
     return text
 
 
@@ -137,8 +139,8 @@ def markdown(results: list[dict], env: dict) -> str:
         "# One decoder gradient vs image size, per memory mode",
         "",
         f"{env['machine']}; torch {env['torch']}; {env['device']}; full-size SD3 VAE architecture (random weights), "
-        "float32, batch 1. Peak: extra resident memory of the gradient (CUDA: max allocated); error against "
-        "the full mode's gradient at the same size (the reference column).",
+        "float32 (bfloat16 for the 16-bit modes), batch 1. Peak: extra resident memory of the gradient (CUDA: max "
+        "allocated); error against the float32 full mode's gradient at the same size (the reference column).",
         "",
         "| size | mode | peak MiB | estimate MiB | time s | time / full | cosine | rel L2 | reference |",
         "|---:|---|---:|---:|---:|---:|---:|---:|---|",
@@ -162,8 +164,8 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
     p.add_argument("--modes", nargs="+", default=list(MODES), type=_mode,
-                   help=f"of {', '.join(MODES)}; 'tiled@GIB': the tiled mode planned for GIB GiB of free activation "
-                        "memory (it then keeps only part of the decoder's tensors)")
+                   help=f"of {', '.join(ALL_MODES)}; 'tiled@GIB' (or 'tiled 16-bit@GIB'): the tiled mode planned "
+                        "for GIB GiB of free activation memory (it then keeps only part of the decoder's tensors)")
     p.add_argument("--skip", nargs="*", default=[], metavar="SIZE:MODE",
                    help="runs to leave out (e.g. 512:full where plain autograd does not fit)")
     p.add_argument("--budget-s", type=float, default=1800.0, help="skip the remaining runs after this many seconds")

@@ -51,7 +51,17 @@ from . import messages, padding
 from .common import FLOWDPS_SCHEDULER, RESIDUALS, SCHEDULERS
 from .convert import measurement_pixels, pixel_sigma
 from .decoder import DECODER_PARTS, GradDecoder, GradEncoder, clone_for_grad, module_bytes
-from .decoder_memory import DEFAULT_MEMORY, FULL_FALLBACK_FACTOR, MemoryPlan, check_memory_mode, plan_memory
+from .decoder_memory import (
+    DEFAULT_MEMORY,
+    FULL_FALLBACK_FACTOR,
+    HALF_DTYPE,
+    MemoryPlan,
+    check_16bit_allowed,
+    check_memory_mode,
+    copy_bytes,
+    plan_memory,
+    split_mode,
+)
 from .model_copy import GradDiffusionModel
 from .model_family import check_model_and_vae, restore_settings, with_shift
 
@@ -174,7 +184,7 @@ class RestorationProblem:
     residual: "auto" (the operator's own choice, ``operator.auto_residual``) | "pinv" | "adjoint" | "measurement".
     norm: "paper" (un-squared) | "squared" (needs ``sigma_y`` > 0, on the [-1, 1] scale).
     memory: the decoder gradient's memory mode (``decoder_memory.MEMORY_MODES``; "auto" picks from the free
-    memory at sample time).
+    memory at sample time; a 16-bit mode needs a VAE that ComfyUI runs in bfloat16).
     """
 
     vae: Any
@@ -190,6 +200,7 @@ class RestorationProblem:
             raise ValueError(f"residual must be one of {RESIDUALS}, got {self.residual!r}")
         check_norm(self.norm, self.sigma_y)
         check_memory_mode(self.memory)
+        check_16bit_allowed(self.memory, getattr(self.vae, "working_dtypes", None))
 
     @classmethod
     def from_inputs(cls, vae: Any, operator: LinearOperator, measurement: torch.Tensor, residual: str, norm: str,
@@ -294,7 +305,8 @@ def released(copy: Copy) -> Iterator[Copy]:
 
 
 def decoder_weight_bytes(vae: Any) -> int:
-    """Bytes of the private float32 decoder copy's weights (the decoder parts of ``vae.first_stage_model``)."""
+    """Bytes of the private float32 decoder copy's weights (the decoder parts of ``vae.first_stage_model``; a
+    16-bit mode's copy: ``decoder_memory.copy_bytes``, half)."""
     parts = [getattr(vae.first_stage_model, n, None) for n in DECODER_PARTS]
     return sum(4 * sum(p.numel() for p in m.parameters()) for m in parts if isinstance(m, torch.nn.Module))
 
@@ -317,10 +329,33 @@ def _fallback_bytes(vae: Any, latent_shape: tuple[int, ...]) -> int:
     return int(FULL_FALLBACK_FACTOR * vae.memory_used_decode(tuple(latent_shape), torch.float32))
 
 
+def native_bf16(vae: Any, device: torch.device) -> bool:
+    """Whether "auto" may use the 16-bit modes: ComfyUI computes bfloat16 natively on ``device``
+    (``should_use_bf16``: not on a CPU) and runs this VAE in it (``working_dtypes``)."""
+    working = getattr(vae, "working_dtypes", None)
+    return (working is None or HALF_DTYPE in working) and bool(mm.should_use_bf16(device))
+
+
+def memory_fixes(plan: MemoryPlan, allow_16bit: bool, batch: int) -> list[str]:
+    """What to change when ``plan`` does not fit, most effective first (the refusal message's end)."""
+    layout, dtype = split_mode(plan.mode)
+    fixes = []
+    if layout != "tiled" and "tiled" in plan.estimates:
+        fixes.append("memory 'tiled' (or 'auto')" if dtype == torch.float32 else "memory 'tiled 16-bit'")
+    if allow_16bit and dtype == torch.float32 and "tiled" in plan.estimates:
+        fixes.append("a 16-bit mode ('checkpoint 16-bit' or 'tiled 16-bit': about half the memory, in the "
+                     "bfloat16 this device computes natively)")
+    fixes.append("a smaller output (a lower SR factor, or a crop of the photo)")
+    if batch > 1:
+        fixes.append("fewer images or particles per decoder call (AFDPS: a smaller chunk_size)")
+    return fixes
+
+
 def plan_decoder_memory(problem: RestorationProblem, latent_shape: tuple[int, ...], device: torch.device,
                         node: str, free: int | None = None) -> MemoryPlan:
     """The decoder gradient's memory mode for ``problem.memory`` and one decoder call on ``latent_shape``
-    (B, C, h, w; AFDPS: one chunk of particles), checked against the free memory before any work.
+    (B, C, h, w; AFDPS: one chunk of particles), checked against the free memory before any work ("auto" tries
+    the 16-bit modes when no float32 one fits and :func:`native_bf16`).
 
     Raises MemoryError naming the size, the estimate, what is free and what to do when the weights of the
     decoder copy plus the mode's activations do not fit.
@@ -328,23 +363,22 @@ def plan_decoder_memory(problem: RestorationProblem, latent_shape: tuple[int, ..
     vae = problem.vae
     weights = decoder_weight_bytes(vae)
     free = free_memory(device) if free is None else free
-    plan = plan_memory(problem.memory, vae.first_stage_model, tuple(latent_shape), max(free - weights, 0),
-                       fallback_bytes=_fallback_bytes(vae, latent_shape))
-    need = plan.estimate + weights
+    allow_16bit = native_bf16(vae, device)
+    plan = plan_memory(problem.memory, vae.first_stage_model, tuple(latent_shape), free,
+                       fallback_bytes=_fallback_bytes(vae, latent_shape), weight_bytes=weights,
+                       allow_16bit=allow_16bit)
+    copy = copy_bytes(weights, plan.mode)
+    need = plan.estimate + copy
     if need > free:
         b, _, h, w = latent_shape
         ratio = getattr(vae, "upscale_ratio", 8)
         others = ", ".join(f"{m} {v / 2**30:.1f} GiB" for m, v in plan.estimates.items() if m != plan.mode)
-        fixes = ["a smaller output (a lower SR factor, or a crop of the photo)"]
-        if plan.mode != "tiled" and "tiled" in plan.estimates:
-            fixes.insert(0, "memory 'tiled' (or 'auto')")
-        if b > 1:
-            fixes.append("fewer images or particles per decoder call (AFDPS: a smaller chunk_size)")
         raise MemoryError(
             f"{node}: a decoder gradient for {b} image(s) of {w * ratio}x{h * ratio} pixels (W x H) in memory mode "
-            f"'{plan.mode}' needs about {need / 2**30:.1f} GiB (decoder copy {weights / 2**30:.1f} GiB, activations "
+            f"'{plan.mode}' needs about {need / 2**30:.1f} GiB (decoder copy {copy / 2**30:.1f} GiB, activations "
             f"{plan.estimate / 2**30:.1f} GiB), but {device.type} has {free / 2**30:.1f} GiB free"
-            f"{f' (other modes: {others})' if others else ''}: use " + ", or ".join(fixes))
+            f"{f' (other modes: {others})' if others else ''}: use "
+            + ", or ".join(memory_fixes(plan, allow_16bit, b)))
     if plan.mode != "full" or problem.memory != "full":
         logger.info("%s: decoder gradient in memory mode '%s' (%s), about %.2f GiB of activations per call",
                     node, plan.mode, problem.memory, plan.estimate / 2**30)
@@ -354,7 +388,7 @@ def plan_decoder_memory(problem: RestorationProblem, latent_shape: tuple[int, ..
 @contextlib.contextmanager
 def decoder_copy(problem: RestorationProblem, flow: FlowModel, device: torch.device, latent_shape: tuple[int, ...],
                  node: str = "FlowDPS", keep: Any = None) -> Iterator[GradDecoder]:
-    """The run's private float32 decoder copy (model-space latents in) in the memory mode
+    """The run's private decoder copy (float32, or bfloat16 for a 16-bit mode; model-space latents in) in the memory mode
     :func:`plan_decoder_memory` picks for one decoder call on ``latent_shape``, with room made for it on a GPU:
     its weights and one gradient's activations (``keep``: the model patcher being sampled, never offloaded for
     it). Checks ComfyUI's interrupt between the bounded modes' blocks."""
@@ -362,7 +396,7 @@ def decoder_copy(problem: RestorationProblem, flow: FlowModel, device: torch.dev
     if device.type != "cpu":   # ask for what the requested mode ("auto": full) needs, then decide on what is free
         wanted = plan_memory(problem.memory, vae.first_stage_model, tuple(latent_shape), None,
                              fallback_bytes=_fallback_bytes(vae, latent_shape))
-        make_room(decoder_weight_bytes(vae) + wanted.estimate, device, keep=keep)
+        make_room(copy_bytes(decoder_weight_bytes(vae), wanted.mode) + wanted.estimate, device, keep=keep)
     plan = plan_decoder_memory(problem, latent_shape, device, node)
     with released(GradDecoder(vae, flow.process_latent_out, device=device, memory=plan.mode,
                               keep_budget=plan.keep_budget,

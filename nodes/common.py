@@ -117,11 +117,15 @@ def data_inputs(*, residual_tooltip: str = RESIDUAL_TOOLTIP) -> list:
     ]
 
 
-MEMORY_TOOLTIP = ("How the decoder's gradient is computed (the same gradient in every mode). 'auto': the fastest mode "
-                  "that fits the free memory. 'full': plain autograd, fastest, about 30 KB per output pixel (1024 px: "
-                  "about 30 GB). 'checkpoint': recomputes each decoder block in the backward pass, about half the "
-                  "memory, slightly slower. 'tiled': works in bands of rows, a few GB at 1024 px, slowest. "
-                  "'checkpoint' and 'tiled' need a KL VAE (SD3, SD3.5, Flux), not TAESD.")
+MEMORY_TOOLTIP = ("How the decoder's gradient is computed (the first four modes give the same gradient). 'auto': the "
+                  "fastest mode that fits the free memory. 'full': plain autograd, fastest, about 30 KB per output "
+                  "pixel (1024 px: about 30 GB). 'checkpoint': recomputes each decoder block in the backward pass, "
+                  "about half the memory, slightly slower. 'tiled': works in bands of rows, a few GB at 1024 px, "
+                  "slowest. 'checkpoint' and 'tiled' need a KL VAE (SD3, SD3.5, Flux), not TAESD. The '16-bit' modes "
+                  "do the same in bfloat16: less memory (about half for full and checkpoint), a slightly less exact "
+                  "gradient (a few percent). They are meant for GPUs with native bfloat16, where 'auto' uses them "
+                  "only when nothing else fits; on a CPU they run only when chosen, at a speed that depends on the "
+                  "processor.")
 
 
 def memory_input() -> io.Combo.Input:

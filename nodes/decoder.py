@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .decoder_memory import decode_function
+from .decoder_memory import HALF_DTYPE, decode_function, split_mode
 
 ENCODER_PARTS = ("encoder", "taesd_encoder", "quant_conv")
 DECODER_PARTS = ("decoder", "taesd_decoder", "post_quant_conv")
@@ -88,8 +88,13 @@ class PrivateVAEPart:
         if self.module is None:
             raise RuntimeError(f"this {type(self).__name__} was released")
         with torch.inference_mode(False):
-            out = self._run(self.module, t.to(device=self.device, dtype=self.dtype))
+            out = self._run(self.module, t.to(device=self.device, dtype=self.input_dtype))
         return out if out.dtype == torch.float64 else out.float()
+
+    @property
+    def input_dtype(self) -> torch.dtype:
+        """The dtype the input is cast to before :meth:`_run` (the copy's)."""
+        return self.dtype
 
     def _run(self, module: torch.nn.Module, t: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -101,6 +106,17 @@ class PrivateVAEPart:
 
 def _no_interrupt() -> None:
     return None
+
+
+def copy_dtype(memory: str, dtype: torch.dtype | None) -> torch.dtype:
+    """The decoder copy's dtype for ``memory`` (a mode other than "auto") and an explicit ``dtype`` (``None``: the
+    mode's: float32, or bfloat16 for a 16-bit mode). Raises ValueError for a 16-bit mode with another dtype."""
+    mode_dtype = split_mode(memory)[1]
+    if dtype is None:
+        return mode_dtype
+    if mode_dtype == HALF_DTYPE and dtype != HALF_DTYPE:
+        raise ValueError(f"memory {memory!r} needs a bfloat16 decoder copy, got dtype {dtype}")
+    return dtype
 
 
 def _released(z: torch.Tensor) -> torch.Tensor:
@@ -115,31 +131,42 @@ class GradDecoder(PrivateVAEPart):
         process_out: model space -> VAE space (``model.get_model_object("process_latent_out")``, for SD3
             ``z / 1.5305 + 0.0609``); ``None`` when latents are already in VAE space.
         device: where the copy lives (default: the VAE's device).
-        dtype: the copy's dtype; float32 by default whatever the VAE's dtype, so gradients are float32.
+        dtype: the copy's dtype; by default the memory mode's (float32 whatever the VAE's dtype, bfloat16 for a
+            16-bit mode), so gradients are float32. A 16-bit mode needs bfloat16 (ValueError otherwise).
         memory: how the gradient is computed (``decoder_memory``): "full" (plain autograd), "checkpoint" or
-            "tiled" (the same gradient with less memory; ComfyUI's KL decoder only). No "auto" here: the
+            "tiled" (the same gradient with less memory; ComfyUI's KL decoder only), or one of these with
+            " 16-bit" (a bfloat16 copy: less memory, a slightly less exact gradient). No "auto" here: the
             bridge resolves it from the image size and the free memory.
         interrupt: called between blocks / bands in the bounded modes (ComfyUI's interrupt check).
         keep_budget: the tiled mode's bytes of kept tensors (``decoder_memory.tiled_budget``; ``None``: all).
 
     Calling it maps ``z: (B, C, h, w)`` in model space to an image ``(B, 3, 8h, 8w)`` in about [-1, 1],
-    unclamped, float32 (float64 for a float64 copy). Inside :func:`grad_enabled` gradients flow to ``z`` only
-    (the copy's parameters do not require grad). The encoder is not copied.
+    unclamped, float32 (float64 for a float64 copy; a bfloat16 copy gets ``z`` mapped to VAE space in float32,
+    then cast, and returns its image as float32, so the gradient with respect to ``z`` is float32 too). Inside
+    :func:`grad_enabled` gradients flow to ``z`` only (the copy's parameters do not require grad). The encoder
+    is not copied.
     """
 
     excluded = ENCODER_PARTS
 
     def __init__(self, vae, process_out: Callable[[torch.Tensor], torch.Tensor] | None = None, *,
-                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None,
                  memory: str = "full", interrupt: Callable[[], None] | None = None,
                  keep_budget: int | None = None) -> None:
+        dtype = copy_dtype(memory, dtype)
         super().__init__(vae, process_out, device=device, dtype=dtype)
         assert self.module is not None
         self.memory = memory
         self._decode = decode_function(self.module, memory, interrupt or _no_interrupt, keep_budget)
 
+    @property
+    def input_dtype(self) -> torch.dtype:
+        """float32 for a 16-bit copy (the latent map runs in float32, :meth:`_run` casts), else the copy's."""
+        return torch.float32 if self.dtype.itemsize < 4 else self.dtype
+
     def _run(self, module: torch.nn.Module, z: torch.Tensor) -> torch.Tensor:
-        return self._decode(self.latent_map(z) if self.latent_map is not None else z)
+        z = self.latent_map(z) if self.latent_map is not None else z
+        return self._decode(z.to(self.dtype))
 
     def release(self) -> None:
         super().release()

@@ -12,9 +12,17 @@ compute the same gradient with less:
 * ``"tiled"``: the exact band-by-band vector-Jacobian product of :mod:`.decoder_tiles` (GroupNorm statistics
   synchronised across bands), which holds a few full-size feature maps and one band's graph.
 
-``"auto"`` picks the first of full, checkpoint, tiled whose estimate (:func:`activation_bytes`) fits the
-memory ComfyUI reports free; "tiled" when none does (the bridge refuses the run if even that does not fit).
-Decoders other than the KL one (TAESD) only have "full".
+Each of the three layouts also runs on a bfloat16 copy of the decoder (``"full 16-bit"``, ``"checkpoint 16-bit"``,
+``"tiled 16-bit"``, :func:`split_mode`): about half the memory for full and checkpoint, 0.7-0.9x for tiled, and
+a gradient within a few percent of the float32 one (measured on the SD3 VAE architecture: cosine 0.9989-0.9995,
+relative L2 0.032-0.049; GroupNorm statistics, the attention scores and the tiled mode's gradient maps
+accumulate in float32). bfloat16 only: float16 overflows in SD-family VAEs.
+
+``"auto"`` picks the first of full, checkpoint, tiled whose estimate (:func:`activation_bytes`, plus the decoder
+copy's weights) fits the memory ComfyUI reports free; only when none does and the device computes bfloat16
+natively (``allow_16bit``), the first of the 16-bit modes that fits; the smallest mode when none does (the
+bridge refuses the run if even that does not fit). Decoders other than the KL one (TAESD) only have the full
+layout.
 
 This module does not import ComfyUI: the bridge passes the free memory and ComfyUI's interrupt check in.
 """
@@ -30,10 +38,17 @@ from torch.utils.checkpoint import checkpoint
 
 from .decoder_tiles import Interrupt, TiledDecoder, attention_block, decoder_units, supports_tiling
 
-MEMORY_MODES = ("auto", "full", "checkpoint", "tiled")
+LAYOUTS = ("full", "checkpoint", "tiled")
+"""How much of the decoder's forward pass a gradient keeps (the float32 modes' names)."""
+HALF_SUFFIX = " 16-bit"
+HALF_DTYPE = torch.bfloat16
+"""The 16-bit modes' dtype: bfloat16 (float16 overflows in SD-family VAEs)."""
+HALF_MODES = tuple(layout + HALF_SUFFIX for layout in LAYOUTS)
+MEMORY_MODES = ("auto", *LAYOUTS, *HALF_MODES)
+"""The ``memory`` widget's values; new ones are appended (saved workflows keep their values)."""
 DEFAULT_MEMORY = "auto"
 BOUNDED_MODES = ("checkpoint", "tiled")
-"""Modes that need ComfyUI's KL decoder (:func:`decoder_tiles.supports_tiling`)."""
+"""Layouts that need ComfyUI's KL decoder (:func:`decoder_tiles.supports_tiling`)."""
 
 ACTIVATION_FACTOR = {"full": 10.5, "checkpoint": 5.5, "tiled": 1.5}
 """Peak activation bytes of one decoder gradient per byte of :func:`boundary_bytes` (the decoder's tensors
@@ -41,6 +56,14 @@ between blocks), from the peak extra RSS measured on the SD3 VAE architecture in
 (benchmarks/decoder_memory.py): full 10.1x at 128 px and 8.9x at 256 px, checkpoint 5.3x and 3.8x; tiled
 keeps the boundary tensors plus two gradient maps of one level (about 1.4x) and one band's graph (added
 separately)."""
+
+HALF_ACTIVATION_FACTOR = {"full": 10.5, "checkpoint": 5.5, "tiled": 2.0}
+"""The same for the 16-bit modes, per byte of the bfloat16 boundary tensors. Full and checkpoint keep their
+float32 factors (measured peak extra RSS on CPU: full 16-bit 0.48-0.58x of full, checkpoint 16-bit 0.52-0.63x of
+checkpoint at 128-256 px, within these estimates). Tiled holds its two gradient maps in float32 (0.4x of the
+float32 boundary tensors, 0.8x of the bfloat16 ones) and its band's graph at the float32 rate (GroupNorm runs in
+float32 inside a band, :func:`decoder_tiles.group_norm`): measured 0.69-0.87x of the float32 tiled mode at
+256 px in paired runs (one unpaired benchmark run gave 1.2x; CPU peaks vary by 10-20 %), not half."""
 
 TILED_BAND_PIXELS = 1 << 16
 """Pixels per band of the tiled mode at the resolution of each unit (its graph: a few KB per pixel)."""
@@ -66,6 +89,37 @@ def check_memory_mode(memory: str) -> str:
     return memory
 
 
+def split_mode(mode: str) -> tuple[str, torch.dtype]:
+    """``(layout, dtype)`` of a memory mode other than "auto": ``"tiled 16-bit"`` -> ``("tiled", torch.bfloat16)``,
+    ``"tiled"`` -> ``("tiled", torch.float32)``. Raises ValueError for anything else."""
+    if mode in LAYOUTS:
+        return mode, torch.float32
+    if mode in HALF_MODES:
+        return mode[:-len(HALF_SUFFIX)], HALF_DTYPE
+    raise ValueError(f"memory mode must be one of {LAYOUTS + HALF_MODES}, got {mode!r}")
+
+
+def element_size(mode: str) -> int:
+    """Bytes per value of the decoder copy and its activations in ``mode`` (4, or 2 for a 16-bit mode)."""
+    return split_mode(mode)[1].itemsize
+
+
+def copy_bytes(float32_bytes: int, mode: str) -> int:
+    """Bytes of the decoder copy's weights in ``mode`` from those of the float32 copy (half for 16-bit)."""
+    return float32_bytes * element_size(mode) // 4
+
+
+def check_16bit_allowed(mode: str, working_dtypes: Any) -> None:
+    """Refuse a 16-bit mode for a VAE whose ``working_dtypes`` (``comfy.sd.VAE`` attribute: the dtypes ComfyUI
+    runs it in) do not include bfloat16 (ValueError naming the VAE's dtypes and the fix). ``None``: not known,
+    allowed."""
+    if mode not in HALF_MODES or working_dtypes is None or HALF_DTYPE in working_dtypes:
+        return
+    names = ", ".join(str(d).removeprefix("torch.") for d in working_dtypes)
+    raise ValueError(f"memory {mode!r} runs the decoder in bfloat16, but ComfyUI runs this VAE only in {names}: "
+                     f"use memory {split_mode(mode)[0]!r} (float32) or 'auto'")
+
+
 def kl_decoder(first_stage_model: torch.nn.Module) -> torch.nn.Module | None:
     """The KL ``Decoder`` inside a (private copy of) ``vae.first_stage_model`` when the bounded modes can run it,
     else ``None``."""
@@ -86,90 +140,113 @@ def boundary_bytes(decoder: torch.nn.Module, latent_shape: tuple[int, ...], elem
 
 
 def activation_bytes(decoder: torch.nn.Module, mode: str, latent_shape: tuple[int, ...],
-                     element_size: int = 4) -> int:
-    """Estimated peak bytes (beyond the weights) of one decoder gradient in ``mode`` for a latent of
-    ``latent_shape``."""
-    base = boundary_bytes(decoder, latent_shape, element_size)
-    estimate = ACTIVATION_FACTOR[mode] * base
-    if mode == "tiled":
-        estimate += _band_bytes(decoder, latent_shape, element_size)
+                     element_size: int | None = None) -> int:
+    """Estimated peak bytes (beyond the weights) of one decoder gradient in ``mode`` (a layout or a 16-bit mode)
+    for a latent of ``latent_shape`` (B, C, h, w); ``element_size``: bytes per value of the boundary tensors
+    (default: the mode's, 2 for a 16-bit mode). Full and checkpoint halve in 16 bits, tiled does not quite
+    (:data:`HALF_ACTIVATION_FACTOR`). The tiled estimate keeps every tensor (:func:`tiled_budget`: less)."""
+    layout, dtype = split_mode(mode)
+    size = dtype.itemsize if element_size is None else element_size
+    base = boundary_bytes(decoder, latent_shape, size)
+    estimate = (ACTIVATION_FACTOR if size >= 4 else HALF_ACTIVATION_FACTOR)[layout] * base
+    if layout == "tiled":
+        estimate += _band_bytes(decoder, latent_shape)
     return int(estimate)
 
 
-def _band_bytes(decoder: torch.nn.Module, latent_shape: tuple[int, ...], element_size: int) -> int:
+def _band_bytes(decoder: torch.nn.Module, latent_shape: tuple[int, ...]) -> int:
+    """One band's graph in the tiled layout (float32 whatever the copy's dtype: GroupNorm runs in float32)."""
     b, _, h, w = latent_shape
     scale = decoder_units(decoder)[-1].source.scale
     band = min(TILED_BAND_PIXELS, h * w * scale * scale)
-    return int(band * TILED_BAND_BYTES_PER_PIXEL * b * element_size / 4)
+    return int(band * TILED_BAND_BYTES_PER_PIXEL * b)
 
 
 def tiled_budget(decoder: torch.nn.Module, latent_shape: tuple[int, ...], free_bytes: int | None,
-                 element_size: int = 4) -> tuple[int | None, int]:
-    """``(keep_budget, estimate)`` of the tiled mode for ``free_bytes`` of activation memory.
+                 mode: str = "tiled") -> tuple[int | None, int]:
+    """``(keep_budget, estimate)`` of a tiled mode ("tiled" or "tiled 16-bit") for ``free_bytes`` of activation
+    memory.
 
     Everything the backward pass needs is kept when that fits (or ``free_bytes`` is unknown): ``(None,
-    activation_bytes(..., "tiled"))``. Otherwise ``keep_budget`` is the bytes of the decoder's tensors between
+    activation_bytes(..., mode))``. Otherwise ``keep_budget`` is the bytes of the decoder's tensors between
     units to keep, lowest resolution first as :class:`TiledDecoder` keeps them (latent-resolution ones always),
     the rest recomputed band by band (slower); the estimate is what is kept plus :data:`TILED_LEAN_MAPS`
-    gradient maps and one band's graph. When even that is over ``free_bytes`` the estimate says so (the caller
-    refuses the run).
+    float32 gradient maps and one band's graph. When even that is over ``free_bytes`` the estimate says so (the
+    caller refuses the run).
     """
-    keep_all = activation_bytes(decoder, "tiled", latent_shape, element_size)
+    keep_all = activation_bytes(decoder, mode, latent_shape)
     if free_bytes is None or keep_all <= free_bytes:
         return None, keep_all
+    size = element_size(mode)
     b, _, h, w = latent_shape
     units = decoder_units(decoder)
     top = units[-1].source
     fixed = int(TILED_LEAN_MAPS * b * top.channels * h * top.scale * w * top.scale * 4)
-    fixed += _band_bytes(decoder, latent_shape, element_size)
+    fixed += _band_bytes(decoder, latent_shape)
     budget = max(int(free_bytes) - fixed, 0)
     kept = 0
     for unit in units[:-1]:
-        size = b * unit.target.channels * h * unit.target.scale * w * unit.target.scale * element_size
-        if unit.target.scale == 1 or kept + size <= budget:
-            kept += size
+        nbytes = b * unit.target.channels * h * unit.target.scale * w * unit.target.scale * size
+        if unit.target.scale == 1 or kept + nbytes <= budget:
+            kept += nbytes
     return budget, fixed + kept
 
 
 class MemoryPlan(NamedTuple):
     mode: str
-    """The mode the run uses ("full", "checkpoint" or "tiled")."""
+    """The mode the run uses (a layout or a 16-bit mode, never "auto")."""
     estimate: int
     """Its estimated activation bytes for one gradient."""
     estimates: dict[str, int]
-    """Every available mode's estimate."""
+    """The activation estimate of every mode considered (the 16-bit ones only when allowed or requested)."""
     keep_budget: int | None = None
-    """The tiled mode's bytes of kept tensors (:func:`tiled_budget`; ``None``: all of them)."""
+    """The tiled modes' bytes of kept tensors (:func:`tiled_budget`; ``None``: all of them)."""
 
 
 def plan_memory(requested: str, first_stage_model: torch.nn.Module, latent_shape: tuple[int, ...],
-                free_bytes: int | None, *, fallback_bytes: int = 0) -> MemoryPlan:
+                free_bytes: int | None, *, fallback_bytes: int = 0, weight_bytes: int = 0,
+                allow_16bit: bool = False) -> MemoryPlan:
     """The mode for ``requested`` ("auto" or a mode) and the decoder copy ``first_stage_model``.
 
     latent_shape: (B, C, h, w) of what one decoder call gets (AFDPS: one chunk of particles).
-    free_bytes: the memory free for activations (``None``: unknown, "auto" then picks "full").
-    fallback_bytes: the full mode's estimate for a decoder the bounded modes cannot run (ComfyUI's).
+    free_bytes: the memory free for the decoder copy and its activations (``None``: unknown, "auto" then picks
+        "full").
+    fallback_bytes: the full layout's float32 estimate for a decoder the bounded modes cannot run (ComfyUI's).
+    weight_bytes: the float32 decoder copy's weights (:func:`copy_bytes` gives a mode's); 0 when ``free_bytes``
+        is already net of them.
+    allow_16bit: whether "auto" may fall back to the 16-bit modes (the device computes bfloat16 natively and the
+        VAE runs in it); "auto" tries them only when no float32 mode fits.
     Raises ValueError for an unknown mode or a bounded mode on a decoder that has none.
     """
     check_memory_mode(requested)
     decoder = kl_decoder(first_stage_model)
     if decoder is None:
-        if requested in BOUNDED_MODES:
+        if requested != "auto" and split_mode(requested)[0] in BOUNDED_MODES:
             inner = getattr(first_stage_model, "decoder", first_stage_model)
             reason = supports_tiling(inner) if isinstance(inner, torch.nn.Module) else None
+            fix = "'full 16-bit'" if requested in HALF_MODES else "'full'"
             raise ValueError(f"memory {requested!r} needs ComfyUI's KL VAE decoder (SD3, SD3.5, Flux, SDXL), but "
                              f"this VAE's decoder is {type(inner).__name__}"
-                             f"{f' ({reason})' if reason else ''}: use memory 'full' or 'auto'")
-        return MemoryPlan("full", fallback_bytes, {"full": fallback_bytes})
-    estimates = {m: activation_bytes(decoder, m, latent_shape) for m in ("full", "checkpoint")}
-    keep_budget, estimates["tiled"] = tiled_budget(decoder, latent_shape, free_bytes)
+                             f"{f' ({reason})' if reason else ''}: use memory {fix} or 'auto'")
+        mode = "full" if requested == "auto" else requested
+        estimate = fallback_bytes * element_size(mode) // 4
+        return MemoryPlan(mode, estimate, {mode: estimate})
+    considered = LAYOUTS + (HALF_MODES if allow_16bit or requested in HALF_MODES else ())
+    estimates = {m: activation_bytes(decoder, m, latent_shape) for m in considered}
+    budgets: dict[str, int | None] = {}
+    if free_bytes is not None:          # the tiled modes keep what fits next to their copy's weights
+        for m in considered:
+            if split_mode(m)[0] == "tiled":
+                budgets[m], estimates[m] = tiled_budget(decoder, latent_shape,
+                                                        free_bytes - copy_bytes(weight_bytes, m), m)
     if requested != "auto":
         mode = requested
     elif free_bytes is None:
         mode = "full"
     else:
-        mode = next((m for m in ("full", "checkpoint") if estimates[m] <= free_bytes), "tiled")
-    return MemoryPlan(mode, estimates[mode], estimates, keep_budget if mode == "tiled" else None)
+        mode = next((m for m in considered if estimates[m] + copy_bytes(weight_bytes, m) <= free_bytes),
+                    considered[-1])
+    return MemoryPlan(mode, estimates[mode], estimates, budgets.get(mode))
 
 
 # --- the decode functions -------------------------------------------------------------------------------------
@@ -217,12 +294,12 @@ def _forward(decoder: torch.nn.Module, z: Tensor, interrupt: Interrupt,
 
 def decode_function(first_stage_model: torch.nn.Module, mode: str, interrupt: Interrupt = _no_interrupt,
                     keep_budget: int | None = None) -> Callable[[Tensor], Tensor]:
-    """``first_stage_model.decode`` (VAE-space latent -> image in about [-1, 1]) computed in ``mode``
-    (``keep_budget``: the tiled mode's, :func:`tiled_budget`)."""
+    """``first_stage_model.decode`` (VAE-space latent -> image in about [-1, 1]) computed in ``mode``'s layout
+    (the copy's dtype is the caller's: a 16-bit mode needs a bfloat16 copy and input; ``keep_budget``: the tiled
+    layout's, :func:`tiled_budget`)."""
+    mode = split_mode(mode)[0]
     if mode == "full":
         return first_stage_model.decode  # type: ignore[no-any-return]
-    if mode not in BOUNDED_MODES:
-        raise ValueError(f"memory mode must be one of ('full', {', '.join(map(repr, BOUNDED_MODES))}), got {mode!r}")
     decoder = kl_decoder(first_stage_model)
     if decoder is None:
         raise ValueError(f"memory {mode!r} needs ComfyUI's KL VAE decoder")
