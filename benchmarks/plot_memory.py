@@ -8,9 +8,9 @@ Run::
 Reads the results of ``decoder_memory.py`` (one decoder gradient) and ``flowdps_step_memory.py`` (one whole
 FlowDPS step) and draws two log-log panels side by side: peak MiB against the image side in pixels, with the
 issue's targets as horizontal lines (8 GB for a FlowDPS step at 1024 px, 12 GB for one decoder gradient at
-2048 px; decimal GB, drawn in MiB), and seconds per megapixel against the side. One line per (benchmark, memory
-mode): colour = mode, solid = FlowDPS step, dashed = decoder gradient. Runs that failed or were skipped are
-left out; a series with one size is a single marker.
+2048 px; decimal GB, drawn in MiB), and seconds per megapixel against the side. One line per (benchmark,
+memory mode): colour = mode; solid line and filled markers = FlowDPS step, dashed and hollow = decoder
+gradient. Runs that failed or were skipped are left out; a series with one size is a single marker.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ from xml.sax.saxutils import escape
 RESULTS = Path(__file__).resolve().parent / "results"
 MODES = ("full", "checkpoint", "tiled")
 COLORS = {"full": "#d62728", "checkpoint": "#1f77b4", "tiled": "#2ca02c"}
-BENCHMARKS = {"decoder": ("decoder gradient", "6 4"), "step": ("FlowDPS step", "")}  # label, dash pattern
+BENCHMARKS = {"decoder": ("decoder gradient", "6 4", False), "step": ("FlowDPS step", "", True)}
+"""Per benchmark: label, dash pattern, filled markers (hollow ones tell single-size series apart)."""
 MIB_PER_GB = 1e9 / 2**20
 TARGETS = ((8 * MIB_PER_GB, "8 GB: FlowDPS step at 1024 px"), (12 * MIB_PER_GB, "12 GB: decoder gradient at 2048 px"))
 SIZES = (256, 512, 1024, 2048)
@@ -122,7 +123,9 @@ def panel(series: Sequence[Series], which: str, left: float, title: str, y_label
         pts = " ".join(f"{a:.1f},{b:.1f}" for a, b in xy)
         el.append(f'<polyline data-series="{escape(s.label)}" points="{pts}" fill="none" stroke="{color}" '
                   f'stroke-width="2"{dash_attr(dash)}/>')
-        el += [f'<circle cx="{a:.1f}" cy="{b:.1f}" r="3.5" fill="{color}"/>' for a, b in xy]
+        fill = color if BENCHMARKS[s.benchmark][2] else "white"
+        el += [f'<circle cx="{a:.1f}" cy="{b:.1f}" r="3.5" fill="{fill}" stroke="{color}" stroke-width="1.5"/>'
+               for a, b in xy]
     el.append("</g>")
     return el
 
