@@ -127,6 +127,12 @@ def _mode(text: str) -> str:
     return text
 
 
+def _order(result: dict) -> tuple[int, int, float]:
+    """Table order: size, then the mode's place in ALL_MODES, then the planned free memory (none first)."""
+    name, _, gib = result["mode"].partition("@")
+    return result["size"], ALL_MODES.index(name), float(gib) if gib else -1.0
+
+
 def compare(grad_path: str, reference_path: str) -> dict:
     import torch
 
@@ -170,6 +176,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="runs to leave out (e.g. 512:full where plain autograd does not fit)")
     p.add_argument("--budget-s", type=float, default=1800.0, help="skip the remaining runs after this many seconds")
     p.add_argument("--out", type=Path, default=RESULTS / "decoder_memory")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the results already in --out's JSON for the (size, mode) pairs not run now")
     p.add_argument("--worker", nargs=3, metavar=("SIZE", "MODE", "GRAD"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
@@ -205,6 +213,11 @@ def main(argv: list[str] | None = None) -> None:
                     r.update(compare(str(grad), str(tmp / f"{size}_{reference}.pt")), reference=reference)
                 results.append(r)
             print(json.dumps(results[-1]), flush=True)
+    out = args.out.with_suffix(".json")
+    if args.merge and out.exists():
+        done = {(r["size"], r["mode"]) for r in results}
+        kept = [r for r in json.loads(out.read_text())["results"] if (r["size"], r["mode"]) not in done]
+        results = sorted(kept + results, key=_order)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps({"env": env, "results": results}, indent=1) + "\n")
     args.out.with_suffix(".md").write_text(markdown(results, env))

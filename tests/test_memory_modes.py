@@ -48,16 +48,19 @@ def free_memory(monkeypatch):
 
 
 def _estimates():
-    """The modes' activation estimates for the graph's 32 px decoder gradient, and the decoder copy's weights."""
+    """The modes' activation estimates for the graph's 32 px decoder gradient (and the tiled mode's when it keeps
+    the least it can), and the decoder copy's weights."""
     import comfy.sd
     import comfy.utils
     import folder_paths
-    from flowdps.nodes.decoder_memory import plan_memory
+    from flowdps.nodes.decoder_memory import plan_memory, tiled_budget
 
     vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(folder_paths.get_full_path("vae", graphs.TINY_VAE_FULL)))
     decoder = vae.first_stage_model.decoder
     weights = 4 * sum(p.numel() for p in decoder.parameters())
-    return plan_memory("auto", vae.first_stage_model, (1, 16, 4, 4), None).estimates, weights
+    estimates = plan_memory("auto", vae.first_stage_model, (1, 16, 4, 4), None).estimates
+    estimates["tiled, least kept"] = tiled_budget(decoder, (1, 16, 4, 4), 1)[1]
+    return estimates, weights
 
 
 def test_refused_before_sampling_when_nothing_fits(comfy, progress, free_memory):
