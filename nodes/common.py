@@ -122,7 +122,7 @@ MEMORY_TOOLTIP = ("How the decoder's gradient is computed (the first four modes 
                   "pixel (1024 px: about 30 GB). 'checkpoint': recomputes each decoder block in the backward pass, "
                   "about half the memory, slightly slower. 'tiled': works in bands of rows, a few GB at 1024 px, "
                   "slowest; with little free memory it also recomputes what it cannot keep (2048 px in about "
-                  "10 GB). 'checkpoint' and 'tiled' need a KL VAE (SD3, SD3.5, Flux), not TAESD. The '16-bit' modes "
+                  "11 GB). 'checkpoint' and 'tiled' need a KL VAE (SD3, SD3.5, Flux), not TAESD. The '16-bit' modes "
                   "do the same in bfloat16: less memory (about half for full and checkpoint), a slightly less exact "
                   "gradient (a few percent). They are meant for GPUs with native bfloat16, where 'auto' uses them "
                   "only when nothing else fits; on a CPU they run only when chosen, at a speed that depends on the "

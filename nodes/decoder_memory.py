@@ -73,10 +73,17 @@ TILED_BAND_BYTES_PER_PIXEL = 12 * 1024
 output level; measured about 14 KB per pixel at 256 px with the whole output level in one band, less with
 more bands), added to the tiled estimate for ``min(band, image)`` pixels."""
 
-TILED_LEAN_MAPS = 1.5
+TILED_LEAN_MAPS = 1.75
 """Full-size float32 gradient maps (of the output level's channels) that the tiled mode's backward pass holds at
 its peak when it keeps only part of the decoder's tensors (:func:`tiled_budget`; lean ResNet blocks): the
-gradient of the unit's output, and behind the last upsampling also its input's (half a map)."""
+gradient of the unit's output, and behind the last upsampling also its input's (half a map), plus a quarter map
+of margin."""
+
+TILED_LEAN_BAND_FACTOR = 1.1
+"""A lean band's graph against :data:`TILED_BAND_BYTES_PER_PIXEL` (its second pass also redoes conv2's VJP, with
+a wider halo). With these two constants the measured peaks sit about 5 % under the estimate of the same kept
+tensors (benchmarks/README.md, planned with the earlier 1.5 maps and 1.0 band: 512 px with 1.2 GiB free 1219 MiB
+against 1285, 2048 px with 10 GiB free 9456 MiB against 9933)."""
 
 FULL_FALLBACK_FACTOR = 4.0
 """For decoders without a structural estimate (TAESD): the gradient's activations as a multiple of ComfyUI's
@@ -182,7 +189,7 @@ def tiled_budget(decoder: torch.nn.Module, latent_shape: tuple[int, ...], free_b
     units = decoder_units(decoder)
     top = units[-1].source
     fixed = int(TILED_LEAN_MAPS * b * top.channels * h * top.scale * w * top.scale * 4)
-    fixed += _band_bytes(decoder, latent_shape)
+    fixed += int(TILED_LEAN_BAND_FACTOR * _band_bytes(decoder, latent_shape))
     budget = max(int(free_bytes) - fixed, 0)
     kept = 0
     for unit in units[:-1]:
