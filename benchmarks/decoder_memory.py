@@ -36,7 +36,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -127,6 +129,16 @@ def _mode(text: str) -> str:
     return text
 
 
+def merge_results(path: Path, results: list[dict], order: Callable[[dict], Any]) -> list[dict]:
+    """``results`` plus those already in the JSON file ``path`` for (size, mode) pairs not in ``results``, sorted
+    by ``order`` (``--merge``: add runs to an earlier results file)."""
+    if not path.exists():
+        return results
+    done = {(r["size"], r["mode"]) for r in results}
+    kept = [r for r in json.loads(path.read_text())["results"] if (r["size"], r["mode"]) not in done]
+    return sorted(kept + results, key=order)
+
+
 def _order(result: dict) -> tuple[int, int, float]:
     """Table order: size, then the mode's place in ALL_MODES, then the planned free memory (none first)."""
     name, _, gib = result["mode"].partition("@")
@@ -213,11 +225,8 @@ def main(argv: list[str] | None = None) -> None:
                     r.update(compare(str(grad), str(tmp / f"{size}_{reference}.pt")), reference=reference)
                 results.append(r)
             print(json.dumps(results[-1]), flush=True)
-    out = args.out.with_suffix(".json")
-    if args.merge and out.exists():
-        done = {(r["size"], r["mode"]) for r in results}
-        kept = [r for r in json.loads(out.read_text())["results"] if (r["size"], r["mode"]) not in done]
-        results = sorted(kept + results, key=_order)
+    if args.merge:
+        results = merge_results(args.out.with_suffix(".json"), results, _order)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps({"env": env, "results": results}, indent=1) + "\n")
     args.out.with_suffix(".md").write_text(markdown(results, env))

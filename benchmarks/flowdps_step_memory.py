@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from decoder_memory import reset_peak, rss_hwm_mib  # a sibling script, not a package
+from decoder_memory import merge_results, reset_peak, rss_hwm_mib  # a sibling script, not a package
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -223,10 +223,8 @@ def main(argv: list[str] | None = None) -> None:
                 results.append({**json.loads(line[7:]), "load_avg_1m": [load, os.getloadavg()[0]]})
             print(json.dumps(results[-1]), flush=True)
     out = args.out.with_suffix(".json")
-    if args.merge and out.exists():
-        done = {(r["size"], r["mode"]) for r in results}
-        kept = [r for r in json.loads(out.read_text())["results"] if (r["size"], r["mode"]) not in done]
-        results = sorted(kept + results, key=lambda r: (r["size"], MODES.index(r["mode"])))
+    if args.merge:
+        results = merge_results(out, results, lambda r: (r["size"], MODES.index(r["mode"])))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"env": env, "results": results}, indent=1) + "\n")
     args.out.with_suffix(".md").write_text(markdown(results, env))
