@@ -66,6 +66,7 @@ recomputation of the tensors they did not keep.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -532,8 +533,7 @@ class TiledDecoder:
         return run.stats[key]
 
     def _bytes(self, t: Tensor2D, run: Run, batch: int) -> int:
-        dtype = next(self.decoder.parameters()).dtype
-        return batch * t.channels * run.height * t.scale * run.width * t.scale * dtype.itemsize
+        return math.prod(self.shape(t, run, batch)) * next(self.decoder.parameters()).dtype.itemsize
 
     def _forward_unit(self, unit: Unit, run: Run, batch: int, materialize: bool = True) -> Tensor | None:
         """The unit's output (``None`` with ``materialize=False``: only the statistics of the GroupNorm that
