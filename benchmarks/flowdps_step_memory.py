@@ -8,7 +8,7 @@ Run (after ``make setup``)::
 One step as ComfyUI runs it: every (size, mode) runs in its own worker process, which starts ComfyUI
 in-process (``flowdps_dev.comfy_env``, CPU unless CUDA is present) and executes the graph
 
-    UNETLoader(tiny SD3) -> ModelSamplingSD3(shift 4) -> CFGGuider(cfg 2, CLIPTextEncode / ConditioningZeroOut)
+    UNETLoader(tiny SD3, SD3 medium's position grid) -> ModelSamplingSD3(shift 4) -> CFGGuider(cfg 2, CLIPTextEncode / ConditioningZeroOut)
     FlowDPSSampler(K=3, step 15, residual auto, paper norm, memory=<mode>)
         <- FlowDPSOperatorSRAvgPool(4) + EmptyImage(size/4) + VAELoader(full-size SD3 VAE, random weights)
     BasicScheduler(simple, 1 step) + RandomNoise + EmptySD3LatentImage(size) -> SamplerCustomAdvanced -> PreviewAny
@@ -51,6 +51,9 @@ from decoder_memory import merge_results, reset_peak, rss_hwm_mib  # a sibling s
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 VAE_FILE = "tiny_sd3_vae_full.safetensors"
+UNET_FILE = "tiny_sd3_pos192.safetensors"
+POS_EMBED_MAX_SIZE = 192
+"""SD3 medium's position-embedding grid (192 x patch 2 x 8 = 3072 px); the test models' 32 stops at 512 px."""
 MODES = ("full", "checkpoint", "tiled")
 SR_FACTOR = 4
 DC_STEPS = 3
@@ -65,7 +68,7 @@ def step_graph(size: int, mode: str) -> dict:
     from flowdps_dev import graphs
 
     g = graphs.GraphBuilder()
-    model = g.add("UNETLoader", "loader", unet_name=graphs.TINY_UNET, weight_dtype="default").out()
+    model = g.add("UNETLoader", "loader", unet_name=UNET_FILE, weight_dtype="default").out()
     clip = g.add("CLIPLoader", "clip", clip_name=graphs.TINY_CLIP_L, type="sd3", device="default").out()
     vae = g.add("VAELoader", "vae", vae_name=VAE_FILE).out()
     model = g.add("ModelSamplingSD3", "shift", model=model, shift=SHIFT).out()
@@ -85,6 +88,25 @@ def step_graph(size: int, mode: str) -> dict:
                 latent_image=latent)
     g.add("PreviewAny", "preview", source=out.out(0))
     return g.build()
+
+
+def ensure_step_model(models_dir: Path) -> Path:
+    """The tiny 2-layer SD3 MMDiT with SD3 medium's position grid (built once, about 2 s, under
+    ``models_dir/diffusion_models``), so that the step accepts 1024 and 2048 px like the real model."""
+    path = models_dir / "diffusion_models" / UNET_FILE
+    if not path.is_file():
+        from safetensors.torch import save_file
+
+        from flowdps_dev import tiny_models
+
+        config = tiny_models.TinyMMDiTConfig(pos_embed_max_size=POS_EMBED_MAX_SIZE)
+        diffusers_sd = tiny_models.build_diffusers_transformer(config).state_dict()
+        sd = tiny_models._contiguous(tiny_models.comfy_mmdit_state_dict(diffusers_sd))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(sd, str(tmp))
+        tmp.replace(path)
+    return path
 
 
 def pack_module(relative: str) -> Any:
@@ -146,6 +168,7 @@ def worker(size: int, mode: str) -> dict:
     from flowdps_dev import comfy_env
 
     session = comfy_env.start(work_dir=tempfile.mkdtemp(prefix="flowdps-step-bench-"))
+    ensure_step_model(Path(os.environ["FLOWDPS_MODELS"]))  # after start: the converter imports ComfyUI
     cuda = torch.cuda.is_available()
     record: dict = {"size": size, "mode": mode, "device": "cuda" if cuda else "cpu",
                     "torch_threads": torch.get_num_threads()}
@@ -162,7 +185,8 @@ def markdown(results: list[dict], env: dict) -> str:
         "# One FlowDPS step vs image size, per memory mode",
         "",
         f"{env['machine']}; torch {env['torch']}; {env['device']}. One step of the FlowDPSSampler node through "
-        f"ComfyUI's executor (SamplerCustomAdvanced, CFG {CFG}, tiny 2-layer SD3 MMDiT), K = {DC_STEPS} decoder "
+        f"ComfyUI's executor (SamplerCustomAdvanced, CFG {CFG}, tiny 2-layer SD3 MMDiT with SD3's "
+        f"{POS_EMBED_MAX_SIZE}-patch position grid), K = {DC_STEPS} decoder "
         f"gradients through the full-size SD3 VAE architecture (random weights, float32 copy), SR x{SR_FACTOR} "
         "(average pooling), batch 1. Peak: extra resident memory of the step including the decoder copy's "
         "weights (CUDA: max allocated); denoise: the transformer call's share of the time.",

@@ -77,7 +77,7 @@ from torch import Tensor
 
 from .base import LinearOperator, check_finite_float, check_odd_size, work_dtype
 from .cache import tensor_cache
-from .interrupt import check_interrupt
+from .interrupt import check_interrupt, run_interruptible
 from .separable import apply_separable
 
 PAPER_GAUSSIAN_KERNEL_SIZE = 61
@@ -127,13 +127,15 @@ def paper_gaussian_svd(
 
     ``paper_gaussian_matrix(n) = U diag(s) V^T`` with ``s`` in descending order, and ``s_t`` is ``s`` with
     every value below ``threshold`` set to zero, so ``U diag(s_t) V^T`` is the truncated 1-D blur. A pending
-    interrupt (:func:`~.interrupt.check_interrupt`) raises before the matrix and before its SVD are computed.
+    interrupt (:func:`~.interrupt.check_interrupt`) raises before the matrix and before its SVD are computed,
+    and one that arrives during the SVD raises within :data:`~.interrupt.POLL_S` seconds
+    (:func:`~.interrupt.run_interruptible`).
     """
     check_interrupt()
     with torch.inference_mode(False):
         matrix = paper_gaussian_matrix(n, kernel_size, sigma)
         check_interrupt()
-        u, s, vh = torch.linalg.svd(matrix)
+        u, s, vh = run_interruptible(torch.linalg.svd, matrix, key=("paper svd", n, kernel_size, sigma))
         return u, torch.where(s < threshold, torch.zeros_like(s), s), vh.T.contiguous()
 
 

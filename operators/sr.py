@@ -15,7 +15,7 @@ from torch import Tensor
 
 from .base import LinearOperator, Shape, check_image_shape, check_positive_int
 from .cache import tensor_cache
-from .interrupt import check_interrupt
+from .interrupt import check_interrupt, run_interruptible
 from .separable import apply_separable
 
 PAPER_SR_FACTOR = 12
@@ -118,7 +118,8 @@ def bicubic_matrices(n: int, factor: int) -> tuple[Tensor, Tensor]:
     folded back by half-sample symmetric reflection. In the interior this is exactly PyTorch's
     ``F.interpolate(..., mode="bicubic", antialias=True)``; PyTorch instead truncates and renormalises the
     taps at the border. A pending interrupt (:func:`~.interrupt.check_interrupt`) raises before the matrix and
-    before its pseudo-inverse (an SVD) are computed.
+    before its pseudo-inverse (an SVD) are computed, and one that arrives during the pseudo-inverse raises
+    within :data:`~.interrupt.POLL_S` seconds (:func:`~.interrupt.run_interruptible`).
     """
     check_interrupt()
     with torch.inference_mode(False):
@@ -131,7 +132,7 @@ def bicubic_matrices(n: int, factor: int) -> tuple[Tensor, Tensor]:
         rows = torch.arange(h)[:, None].expand_as(cols)
         matrix = torch.zeros(h, n, dtype=torch.float64).index_put_((rows, cols), weights, accumulate=True)
         check_interrupt()
-        return matrix, torch.linalg.pinv(matrix)
+        return matrix, run_interruptible(torch.linalg.pinv, matrix, key=("bicubic pinv", n, factor))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -69,3 +69,50 @@ def test_a_pending_interrupt_stops_a_large_bicubic_matrix_before_its_pseudo_inve
     finally:
         mm.interrupt_current_processing(False)
     assert svds == []
+
+
+def test_an_interrupt_during_the_paper_blurs_svd_ends_the_run_within_a_second(comfy, monkeypatch):
+    """/interrupt arrives while the dense SVD runs (a LAPACK call cannot stop): the prompt still ends within
+    about a second, and the abandoned SVD, finished in the background, serves the next run."""
+    import threading
+    import time
+
+    import comfy.model_management as mm
+
+    comfy.pack_module("operators.cache").clear_tensor_caches()
+    g = torch.Generator().manual_seed(1)
+    Image.fromarray((torch.rand(47, 41, 3, generator=g).numpy() * 255).astype(np.uint8)).save(comfy.input_dir / PHOTO)
+    release, started, interrupted_at = threading.Event(), [], []
+    real_svd = torch.linalg.svd
+
+    def slow_svd(matrix, *args, **kwargs):  # a long factorisation, interrupted 0.3 s after it starts
+        started.append(threading.current_thread().name)
+
+        def interrupt():
+            interrupted_at.append(time.monotonic())
+            mm.interrupt_current_processing(True)
+
+        threading.Timer(0.3, interrupt).start()
+        if not release.wait(60):
+            raise AssertionError("never released")
+        return real_svd(matrix, *args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "svd", slow_svd)
+    graph = GraphBuilder()
+    image = graph.add("LoadImage", "load", image=PHOTO).out()
+    op = graph.add("FlowDPSOperatorPaperGaussianBlur", "op", kernel_size=61, sigma=3.0).out()
+    sim = graph.add("FlowDPSSimulateMeasurement", "sim", image=image, operator=op, sigma_y=0.0, seed=0)
+    graph.add("SaveImage", "save", images=sim.out(0), filename_prefix="interrupted_paper_svd")
+    try:
+        result = comfy.run(graph.build(), fresh=True)
+        ended = time.monotonic()
+    finally:
+        mm.interrupt_current_processing(False)
+        release.set()
+    assert not result.success
+    assert result.error.exception_type.endswith("InterruptProcessingException"), str(result.error)
+    assert len(started) == 1
+    assert started[0].startswith("flowdps-build-")
+    assert ended - interrupted_at[0] < 1.0, f"the run ended {ended - interrupted_at[0]:.2f} s after /interrupt"
+    monkeypatch.setattr(torch.linalg, "svd", real_svd)
+    assert comfy.run(graph.build(), fresh=True).success
