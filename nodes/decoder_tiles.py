@@ -373,6 +373,29 @@ def _add(acc: Tensor | None, value: Tensor) -> Tensor:
     return value if acc is None else acc + value
 
 
+def plain_conv(conv: object) -> bool:
+    """Whether ``conv`` is a stride-1 ``Conv2d`` with zero "same" padding (3x3 / 1x1), whose input gradient is
+    one transposed convolution of the output gradient (:func:`conv_input_vjp`)."""
+    return (isinstance(conv, torch.nn.Conv2d) and conv.stride == (1, 1) and conv.dilation == (1, 1)
+            and conv.groups == 1 and conv.padding_mode == "zeros" and isinstance(conv.padding, tuple)
+            and all(2 * p + 1 == k for p, k in zip(conv.padding, conv.kernel_size, strict=True)))
+
+
+def conv_input_vjp(conv: torch.nn.Conv2d, grad: Tensor) -> Tensor:
+    """The gradient with respect to a :func:`plain_conv` convolution's input of ``grad`` (its output's gradient,
+    rows of a slab): the transposed convolution, float32 out, rows aligned with ``grad``'s (the first and last
+    ``padding`` rows of a slab that does not reach the image border get only part of their value). No
+    forward pass is needed: the convolution is linear in its input."""
+    w = conv.weight
+    return F.conv_transpose2d(grad.to(w.dtype), w, padding=conv.padding).float()
+
+
+def nearest_up_vjp(grad: Tensor) -> Tensor:
+    """The adjoint of the 2x nearest-neighbour upsampling: each 2x2 block of ``grad`` (B, C, 2h, 2w) summed."""
+    b, c, h, w = grad.shape
+    return grad.reshape(b, c, h // 2, 2, w // 2, 2).sum(dim=(3, 5))
+
+
 class TiledDecoder:
     """The decoder's forward pass and exact vector-Jacobian product in bands (module docstring).
 
@@ -695,7 +718,97 @@ class TiledDecoder:
             self._add_stats_gradient(g_src, unit.source, lam, run)
         return g_src
 
+    def _direct(self, unit: Block) -> bool:
+        """Whether the block's backward pass can use transposed convolutions (:meth:`_backward_block_direct`)."""
+        b = unit.block
+        convs = [b.conv1, b.conv2] + ([b.nin_shortcut] if b.in_channels != b.out_channels else [])
+        if unit.upsample is not None:
+            convs.append(getattr(unit.upsample, "conv", None))
+        return not self.lean and all(plain_conv(c) for c in convs)
+
+    def _elementwise_vjp(self, x: Tensor, norm: torch.nn.GroupNorm, key: object, run: Run, g_out: Tensor
+                         ) -> tuple[Tensor, Tensor, Tensor]:
+        """The VJP of ``silu(norm(x))`` (statistics ``run.stats[key]`` frozen) for a band ``x``: the gradient
+        with respect to ``x`` (float32) and to the statistics' mean and rstd (the band's share)."""
+        with torch.inference_mode(False), torch.enable_grad():
+            leaf = self._leaf(x)
+            stats = self._stats_leaves(key, run)
+            out = _silu(group_norm(leaf, norm, *stats))
+            g_x, l_mean, l_rstd = torch.autograd.grad(out, (leaf, *stats), g_out.to(out.dtype))
+        return g_x.float(), l_mean, l_rstd
+
+    def _backward_block_direct(self, unit: Block, grad: Tensor, run: Run) -> Tensor:
+        """:meth:`_backward_block` with the convolutions' input gradients taken as transposed convolutions of the
+        output gradients (no forward pass of ``conv2``, of ``conv1`` in the second pass or of the upsampling
+        in its VJP) and the block's inner tensors held full-size for the duration of its backward pass:
+        ``conv1``'s output, its gradient map, and for a block behind an upsampling the upsampled input and its
+        gradient map. Per block this runs ``conv1`` forward once and each convolution's VJP once."""
+        b, t, src = unit.block, unit.target, unit.source
+        batch, device = grad.shape[0], grad.device
+        height = run.height * t.scale
+        identity = unit.upsample is None and b.in_channels == b.out_channels
+        dtype = next(self.decoder.parameters()).dtype
+        shape = self.shape(t, run, batch)
+        h1_all = torch.empty(shape, dtype=dtype, device=device)
+        x_all = (torch.empty((batch, src.channels, *shape[2:]), dtype=dtype, device=device)
+                 if unit.upsample is not None else None)
+        g_h1 = torch.empty(shape, dtype=torch.float32, device=device)
+        lam_mid: tuple[Tensor, Tensor] | None = None
+        for lo, hi in self.bands(t, run):   # pass 1: conv1's output (held), conv2's VJP, norm2 frozen
+            self.interrupt()
+            s, first = self.rows(src, (lo - 2) // unit.ratio, (hi + 1) // unit.ratio + 1, run)
+            with torch.no_grad():
+                x, x_lo = self.block_input(unit, s, first, lo - 1, hi + 1, run)
+                if x_all is not None:
+                    x_all[:, :, lo:hi] = x[:, :, lo - x_lo:hi - x_lo]
+                h1_all[:, :, lo:hi] = self.first_half(unit, x, run)[:, :, lo - x_lo:hi - x_lo]
+            g_lo, g_hi = max(lo - 1, 0), min(hi + 1, height)
+            g_a2 = conv_input_vjp(b.conv2, grad[:, :, g_lo:g_hi])[:, :, lo - g_lo:hi - g_lo]
+            g_h1[:, :, lo:hi], l_mean, l_rstd = self._elementwise_vjp(h1_all[:, :, lo:hi], b.norm2, (unit, "mid"),
+                                                                    run, g_a2)
+            lam_mid = (_add(lam_mid[0] if lam_mid else None, l_mean), _add(lam_mid[1] if lam_mid else None, l_rstd))
+        assert lam_mid is not None
+        for lo, hi in self.bands(t, run):   # norm2's statistics' gradient, on conv1's output
+            g_h1[:, :, lo:hi] += stats_gradient(h1_all[:, :, lo:hi], run.stats[(unit, "mid")], *lam_mid)
+        del h1_all
+        # the gradient with respect to the block's input: for an identity shortcut grad itself, updated in place
+        # (pass 2 no longer reads grad then); behind an upsampling a full-size map at this resolution
+        g_x = grad if identity else torch.empty((batch, src.channels, *shape[2:]), dtype=torch.float32,
+                                                 device=device)
+        lam_in: tuple[Tensor, Tensor] | None = None
+        for lo, hi in self.bands(t, run):   # pass 2: conv1's VJP, norm1 frozen, and the shortcut
+            self.interrupt()
+            g_lo, g_hi = max(lo - 1, 0), min(hi + 1, height)
+            g_a1 = conv_input_vjp(b.conv1, g_h1[:, :, g_lo:g_hi])[:, :, lo - g_lo:hi - g_lo]
+            x = x_all[:, :, lo:hi] if x_all is not None else self.rows(src, lo, hi, run)[0]
+            g_band, l_mean, l_rstd = self._elementwise_vjp(x, b.norm1, (unit, "in"), run, g_a1)
+            if not identity:
+                g_band += conv_input_vjp(b.nin_shortcut, grad[:, :, lo:hi]) if b.in_channels != b.out_channels \
+                    else grad[:, :, lo:hi]
+                g_x[:, :, lo:hi] = g_band   # the bands tile the rows: each written once
+            else:
+                g_x[:, :, lo:hi] += g_band
+            lam_in = (_add(lam_in[0] if lam_in else None, l_mean), _add(lam_in[1] if lam_in else None, l_rstd))
+        del g_h1
+        assert lam_in is not None
+        if x_all is None:                   # pass 3: norm1's statistics' gradient, on the block's input
+            self._add_stats_gradient(g_x, src, lam_in, run)
+            return g_x
+        for lo, hi in self.bands(t, run):   # ... on the upsampled input, then through the upsampling
+            g_x[:, :, lo:hi] += stats_gradient(x_all[:, :, lo:hi], run.stats[(unit, "in")], *lam_in)
+        del x_all
+        g_src = self._zeros(src, run, batch, device)
+        conv = unit.upsample.conv  # type: ignore[union-attr]
+        for lo, hi in self.bands(t, run):   # bands start and end on even rows (whole latent rows)
+            self.interrupt()
+            g_lo, g_hi = max(lo - 1, 0), min(hi + 1, height)
+            g_up = conv_input_vjp(conv, g_x[:, :, g_lo:g_hi])[:, :, lo - g_lo:hi - g_lo]
+            g_src[:, :, lo // 2:hi // 2] = nearest_up_vjp(g_up)
+        return g_src
+
     def _backward_block(self, unit: Block, grad: Tensor, run: Run) -> Tensor:
+        if self._direct(unit):
+            return self._backward_block_direct(unit, grad, run)
         r, b, t, src = unit.ratio, unit.block, unit.target, unit.source
         height = run.height * t.scale
         identity = unit.upsample is None and b.in_channels == b.out_channels
