@@ -50,20 +50,22 @@ DEFAULT_MEMORY = "auto"
 BOUNDED_MODES = ("checkpoint", "tiled")
 """Layouts that need ComfyUI's KL decoder (:func:`decoder_tiles.supports_tiling`)."""
 
-ACTIVATION_FACTOR = {"full": 10.5, "checkpoint": 5.5, "tiled": 1.5}
+ACTIVATION_FACTOR = {"full": 10.5, "checkpoint": 5.5, "tiled": 1.75}
 """Peak activation bytes of one decoder gradient per byte of :func:`boundary_bytes` (the decoder's tensors
 between blocks), from the peak extra RSS measured on the SD3 VAE architecture in float32 on CPU
-(benchmarks/decoder_memory.py): full 10.1x at 128 px and 8.9x at 256 px, checkpoint 5.3x and 3.8x; tiled
-keeps the boundary tensors plus two gradient maps of one level (about 1.4x) and one band's graph (added
-separately)."""
+(benchmarks/decoder_memory.py): full 10.1x at 128 px and 8.9x at 256 px, checkpoint 5.3x and 3.8x (3.2x at
+1024 px); tiled keeps the boundary tensors and, for the block being differentiated, its gradient, conv1's
+output and gradient map, behind an upsampling the upsampled input and its gradient map: measured
+``1.52 x boundary + 490 MiB`` at 512-1024 px (1598 and 4922 MiB), so 1.75x plus one band's graph (added
+separately) is 16-28 % above what was measured and stays above the fit at larger sizes."""
 
-HALF_ACTIVATION_FACTOR = {"full": 10.5, "checkpoint": 5.5, "tiled": 2.0}
+HALF_ACTIVATION_FACTOR = {"full": 10.5, "checkpoint": 5.5, "tiled": 3.25}
 """The same for the 16-bit modes, per byte of the bfloat16 boundary tensors. Full and checkpoint keep their
 float32 factors (measured peak extra RSS on CPU: full 16-bit 0.48-0.58x of full, checkpoint 16-bit 0.52-0.63x of
-checkpoint at 128-256 px, within these estimates). Tiled holds its two gradient maps in float32 (0.4x of the
-float32 boundary tensors, 0.8x of the bfloat16 ones) and its band's graph at the float32 rate (GroupNorm runs in
-float32 inside a band, :func:`decoder_tiles.group_norm`): measured 0.69-0.87x of the float32 tiled mode at
-256 px in paired runs (one unpaired benchmark run gave 1.2x; CPU peaks vary by 10-20 %), not half."""
+checkpoint at 128-256 px, within these estimates). Tiled holds its gradient maps in float32 and its band's graph
+at the float32 rate (GroupNorm runs in float32 inside a band, :func:`decoder_tiles.group_norm`): measured 956,
+1713 and 4206 MiB at 256, 512 and 1024 px (``2.28 x boundary + 883 MiB``; 0.85-1.4x the float32 tiled mode on
+this CPU, not half), so 3.25x plus the band is 11-31 % above what was measured."""
 
 TILED_BAND_PIXELS = 1 << 16
 """Pixels per band of the tiled mode at the resolution of each unit (its graph: a few KB per pixel)."""
@@ -79,11 +81,12 @@ its peak when it keeps only part of the decoder's tensors (:func:`tiled_budget`;
 gradient of the unit's output, and behind the last upsampling also its input's (half a map), plus a quarter map
 of margin."""
 
-TILED_LEAN_BAND_FACTOR = 1.1
+TILED_LEAN_BAND_FACTOR = 1.4
 """A lean band's graph against :data:`TILED_BAND_BYTES_PER_PIXEL` (its second pass also redoes conv2's VJP, with
-a wider halo). With these two constants the measured peaks sit about 5 % under the estimate of the same kept
-tensors (benchmarks/README.md, planned with the earlier 1.5 maps and 1.0 band: 512 px with 1.2 GiB free 1219 MiB
-against 1285, 2048 px with 10 GiB free 9456 MiB against 9933)."""
+a wider halo, and the rows it did not keep are recomputed inside the band). The same lean run at 512 px with 1.2
+GiB free peaked at 1219 MiB in one benchmark run and 1330 MiB in another (CPU peaks vary by about 10 % between
+identical runs: the allocator's temporaries); with 1.4 the estimate of those kept tensors is 1451 MiB, and that
+of the 2048 px run with 10 GiB free (measured 9456 MiB) 10163 MiB (benchmarks/README.md)."""
 
 FULL_FALLBACK_FACTOR = 4.0
 """For decoders without a structural estimate (TAESD): the gradient's activations as a multiple of ComfyUI's

@@ -24,9 +24,15 @@ every GroupNorm:
   ``l_mean / N - l_rstd rstd^3 (t - mean) / N``) is added to the gradient of the normalised tensor ``t``
   before the unit that produced ``t`` is differentiated. This is GroupNorm's exact backward pass, split at
   the only place where it needs the whole image. ResNet blocks take two band passes (one per GroupNorm); a
-  block that begins a level also differentiates the 2x upsampling in front of it (never materialised: it is
-  recomputed from the level below inside each band) and needs a third pass for the statistics of the
-  upsampled tensor.
+  block that begins a level also differentiates the 2x upsampling in front of it and needs a third pass for
+  the statistics of the upsampled tensor.
+* **Convolutions without their forward pass.** When everything is kept, a ResNet block's convolutions are
+  not differentiated through autograd: the input gradient of a stride-1 convolution is one transposed
+  convolution of its output gradient (:func:`conv_input_vjp`), which needs neither the input nor a forward
+  pass; autograd only differentiates the element-wise GroupNorm and SiLU between them. The block's first pass
+  recomputes ``conv1``'s output (norm2's backward needs it) and holds it full-size until its statistics'
+  gradient is folded into ``conv1``'s gradient map; behind an upsampling it also holds the upsampled input and
+  its gradient map, so the upsampling's convolution runs once forward and once transposed.
 * **The attention block** runs at the latent resolution on the whole tensor with plain autograd (its own
   GroupNorm therefore exact), through :func:`exact_attention`, which keeps O(N x chunk) memory instead of
   the N x N attention matrix.
@@ -43,7 +49,8 @@ which is why bands are synchronised at every unit instead of being run through t
 every block boundary), a ResNet block's gradient maps and one band's graph. Two regimes:
 
 * *Keep everything* (``keep_budget=None``): about 3 KB per output pixel of kept tensors for the SD3 VAE in
-  float32 plus two gradient maps of the current level (1024 px: about 4 GiB in all). The forward pass then
+  float32 plus, during one block's backward pass, its gradient, ``conv1``'s output and gradient map, and
+  behind an upsampling the upsampled input and its gradient map (512 px: 1.6 GiB in all). The forward pass
   also holds a block's upsampled input and its first convolution's output as temporaries, so that every layer
   runs once (they stay below the backward pass's peak).
 * *A keep budget*: unit outputs are kept lowest resolution first while they fit ``keep_budget``; the others
@@ -55,12 +62,14 @@ every block boundary), a ResNet block's gradient maps and one band's graph. Two 
   tensors, 1.5 gradient maps of the output level and one band's graph (about 2.1-2.4 KB per output pixel for
   the SD3 VAE: 2048 px within 12 GB; ``decoder_memory.tiled_budget`` plans it).
 
-**Cost.** ResNet blocks without an upsampling: the forward pass runs every layer once (held temporaries) and
-the backward pass ``conv1`` forward twice, ``conv1`` backward once, ``conv2`` forward and backward once; a block
-behind an upsampling also runs the upsampling's 3x3 convolution (its most expensive layer) three more times
-forward and twice backward, for GroupNorm's two synchronised passes. Counted in convolutions this is about
-1.7x plain autograd; measured on 2 CPU cores (benchmarks/README.md) 1.7-2x. Kept-budget runs add the
-recomputation of the tensors they did not keep.
+**Cost.** Keeping everything, the forward pass runs every layer once (held temporaries) and the backward pass
+``conv1`` forward once more and every convolution's VJP once (a transposed convolution, as fast as the forward
+one); plain autograd runs each convolution forward and backward once. Counted in convolutions that is about
+1.3x plain autograd; measured 1.3-1.45x single-threaded at 128-256 px and 1.56-1.62x on 2 CPU cores at
+256-512 px (benchmarks/README.md), the rest being the band-wise GroupNorm statistics and element-wise passes.
+Lean blocks differentiate through autograd inside each band (``conv1`` twice and ``conv2`` once more forward,
+the upsampling three more times), and kept-budget runs add the recomputation of the tensors they did not keep:
+several times slower.
 """
 
 from __future__ import annotations

@@ -105,6 +105,36 @@ def test_tiled_gradient_equals_plain_autograd(decoder, batch, h, w, band_pixels,
         assert _rel(tiled_g[1], tiled_g[0]) > 0.1
 
 
+@pytest.mark.parametrize("direct", [True, False])
+def test_kept_blocks_use_transposed_convolutions_and_the_autograd_fallback_agrees(decoder, monkeypatch, direct):
+    """Keeping everything, every ResNet block of the SD3 decoder is differentiated with transposed convolutions
+    (no convolution forward pass in its VJP); a decoder whose convolutions are not plain would fall back to
+    autograd inside each band. Both give plain autograd's gradient."""
+    from flowdps.nodes import decoder_tiles
+    from flowdps.nodes.decoder_tiles import Block, TiledDecoder, tiled_decode
+
+    if not direct:
+        monkeypatch.setattr(decoder_tiles, "plain_conv", lambda conv: False)
+    engine = TiledDecoder(decoder, band_pixels=64)
+    blocks = [u for u in engine.units if isinstance(u, Block)]
+    assert [engine._direct(u) for u in blocks] == [direct] * len(blocks)
+    assert sum(u.upsample is not None for u in blocks) == 3
+    transposed = []
+    real = decoder_tiles.F.conv_transpose2d
+
+    def counted(*args, **kwargs):
+        transposed.append(args[0].shape)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(decoder_tiles.F, "conv_transpose2d", counted)
+    z, weight = _problem(1, 5, 3, seed=3)
+    image, g = _gradient(decoder, z, weight)
+    tiled_image, tiled_g = _gradient(lambda t: tiled_decode(engine, t), z, weight)
+    assert _rel(tiled_image, image) <= TWO_F32_REL_L2
+    assert _rel(tiled_g, g) <= TWO_F32_REL_L2
+    assert (len(transposed) > 0) == direct
+
+
 def test_tiled_forward_never_materialises_what_it_does_not_keep(decoder):
     """With a keep budget the forward pass holds exactly the kept tensors: the others (here the output level's
     last two) only contribute their GroupNorm statistics, so they never take memory."""
