@@ -182,11 +182,19 @@ def tiled_budget(decoder: torch.nn.Module, latent_shape: tuple[int, ...], free_b
     units to keep, lowest resolution first as :class:`TiledDecoder` keeps them (latent-resolution ones always),
     the rest recomputed band by band (slower); the estimate is what is kept plus :data:`TILED_LEAN_MAPS`
     float32 gradient maps and one band's graph. When even that is over ``free_bytes`` the estimate says so (the
-    caller refuses the run).
+    caller refuses the run). A small image, whose lean plan would not need less than keeping everything (its
+    band's graph is then most of the estimate), always keeps everything.
     """
     keep_all = activation_bytes(decoder, mode, latent_shape)
     if free_bytes is None or keep_all <= free_bytes:
         return None, keep_all
+    budget, estimate = _lean_plan(decoder, latent_shape, free_bytes, mode)
+    return (None, keep_all) if estimate >= keep_all else (budget, estimate)
+
+
+def _lean_plan(decoder: torch.nn.Module, latent_shape: tuple[int, ...], free_bytes: int, mode: str
+               ) -> tuple[int, int]:
+    """``(keep_budget, estimate)`` of the tiled mode keeping fewer tensors (:func:`tiled_budget`)."""
     size = element_size(mode)
     b, _, h, w = latent_shape
     units = decoder_units(decoder)

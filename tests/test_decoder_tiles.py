@@ -280,16 +280,23 @@ def test_auto_mode_follows_free_memory(full_vae):
     assert plan_memory("checkpoint", model, shape, 0).mode == "checkpoint"
 
 
-def test_tiled_budget_plans_what_the_engine_keeps(full_vae):
+def test_tiled_budget_plans_what_the_engine_keeps(full_vae, monkeypatch):
     """The tiled mode's plan for a given free memory: everything when it fits; else a keep budget under which the
     engine keeps exactly the bytes the estimate counts (estimate = kept + gradient maps + one band), an estimate
-    that decreases with the free memory and stays within it down to the minimum."""
+    that decreases with the free memory and stays within it down to the minimum. An image so small that keeping
+    fewer tensors would not need less (the band's graph is most of it) always keeps everything."""
+    from flowdps.nodes import decoder_memory
     from flowdps.nodes.decoder_memory import kl_decoder, plan_memory, tiled_budget
     from flowdps.nodes.decoder_tiles import TiledDecoder
 
     model = full_vae.first_stage_model
     decoder = kl_decoder(model)
     shape = (1, 16, 6, 5)
+    keep_all = plan_memory("tiled", model, shape, None)
+    assert decoder_memory._lean_plan(decoder, shape, 1, "tiled")[1] > keep_all.estimate
+    assert tiled_budget(decoder, shape, 1) == (None, keep_all.estimate)
+    # bands of 64 pixels in the estimate: the band's graph is small and keeping fewer tensors saves memory
+    monkeypatch.setattr(decoder_memory, "TILED_BAND_PIXELS", 64)
     keep_all = plan_memory("tiled", model, shape, None)
     assert keep_all.keep_budget is None
     assert tiled_budget(decoder, shape, keep_all.estimate) == (None, keep_all.estimate)
