@@ -118,15 +118,15 @@ def data_inputs(*, residual_tooltip: str = RESIDUAL_TOOLTIP) -> list:
 
 
 MEMORY_TOOLTIP = ("How the decoder's gradient is computed (the first four modes give the same gradient). 'auto': the "
-                  "fastest mode that fits the free memory. 'full': plain autograd, fastest, about 30 KB per output "
-                  "pixel (1024 px: about 30 GB). 'checkpoint': recomputes each decoder block in the backward pass, "
-                  "about half the memory, slightly slower. 'tiled': works in bands of rows, a few GB at 1024 px, "
-                  "slowest; with little free memory it also recomputes what it cannot keep (2048 px in about "
-                  "11 GB). 'checkpoint' and 'tiled' need a KL VAE (SD3, SD3.5, Flux), not TAESD. The '16-bit' modes "
-                  "do the same in bfloat16: less memory (about half for full and checkpoint), a slightly less exact "
-                  "gradient (a few percent). They are meant for GPUs with native bfloat16, where 'auto' uses them "
-                  "only when nothing else fits; on a CPU they run only when chosen, at a speed that depends on the "
-                  "processor.")
+                  "fastest mode that fits the free memory. 'full': plain autograd, fastest, about 25 KB per output "
+                  "pixel (1024 px: about 24 GB). 'checkpoint': recomputes each decoder block in the backward pass, "
+                  "about 40 % of the memory at 1.25x the time. 'tiled': works in bands of rows, about 6 KB per pixel "
+                  "(1024 px: about 5 GB) at about 1.6x the time; with little free memory it keeps fewer tensors and "
+                  "recomputes them, several times slower (2048 px in about 11 GB). 'checkpoint' and 'tiled' need a "
+                  "KL VAE (SD3, SD3.5, Flux), not TAESD. The '16-bit' modes do the same in bfloat16: less memory "
+                  "(about half for full and checkpoint, little for tiled), a slightly less exact gradient (a few "
+                  "percent). They are meant for GPUs with native bfloat16, where 'auto' uses them only when nothing "
+                  "else fits; on a CPU they run only when chosen, at a speed that depends on the processor.")
 
 
 def memory_input() -> io.Combo.Input:
