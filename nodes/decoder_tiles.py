@@ -378,8 +378,10 @@ def _silu(x: Tensor) -> Tensor:
     return F.silu(x)
 
 
-def _add(acc: Tensor | None, value: Tensor) -> Tensor:
-    return value if acc is None else acc + value
+def _add_pair(acc: tuple[Tensor, Tensor] | None, mean: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor]:
+    """``acc + (mean, rstd)``: a band's share of the gradient with respect to a GroupNorm's statistics added to
+    the bands' sum so far (``None``: none yet)."""
+    return (mean, rstd) if acc is None else (acc[0] + mean, acc[1] + rstd)
 
 
 def plain_conv(conv: object) -> bool:
@@ -390,13 +392,16 @@ def plain_conv(conv: object) -> bool:
             and all(2 * p + 1 == k for p, k in zip(conv.padding, conv.kernel_size, strict=True)))
 
 
-def conv_input_vjp(conv: torch.nn.Conv2d, grad: Tensor) -> Tensor:
-    """The gradient with respect to a :func:`plain_conv` convolution's input of ``grad`` (its output's gradient,
-    rows of a slab): the transposed convolution, float32 out, rows aligned with ``grad``'s (the first and last
-    ``padding`` rows of a slab that does not reach the image border get only part of their value). No
+def conv_input_vjp(conv: torch.nn.Conv2d, grad: Tensor, lo: int, hi: int) -> Tensor:
+    """Rows ``[lo, hi)`` of the gradient with respect to a :func:`plain_conv` convolution's input, from ``grad``,
+    the full-height gradient with respect to its output: the transposed convolution of ``grad``'s rows
+    ``[lo - p, hi + p)`` (``p``: the padding; clipped to the image, whose border is zero padding), float32. No
     forward pass is needed: the convolution is linear in its input."""
+    p = conv.padding[0]
+    g_lo, g_hi = max(lo - p, 0), min(hi + p, grad.shape[2])
     w = conv.weight
-    return F.conv_transpose2d(grad.to(w.dtype), w, padding=conv.padding).float()
+    out = F.conv_transpose2d(grad[:, :, g_lo:g_hi].to(w.dtype), w, padding=conv.padding)
+    return out[:, :, lo - g_lo:hi - g_lo].float()
 
 
 def nearest_up_vjp(grad: Tensor) -> Tensor:
@@ -718,7 +723,7 @@ class TiledDecoder:
                     leaves = self._stats_leaves(unit.source, run)
                     out = self.head(unit, leaf, run, leaves)[:, :, lo - first:hi - first]
                     grads = torch.autograd.grad(out, (leaf, *leaves), grad[:, :, lo:hi].to(out.dtype))
-                    lam = (_add(lam[0] if lam else None, grads[1]), _add(lam[1] if lam else None, grads[2]))
+                    lam = _add_pair(lam, grads[1], grads[2])
                 else:
                     out = unit.conv(leaf)[:, :, lo - first:hi - first]  # type: ignore[attr-defined]
                     grads = torch.autograd.grad(out, leaf, grad[:, :, lo:hi].to(out.dtype))
@@ -754,7 +759,6 @@ class TiledDecoder:
         gradient map. Per block this runs ``conv1`` forward once and each convolution's VJP once."""
         b, t, src = unit.block, unit.target, unit.source
         batch, device = grad.shape[0], grad.device
-        height = run.height * t.scale
         identity = unit.upsample is None and b.in_channels == b.out_channels
         dtype = next(self.decoder.parameters()).dtype
         shape = self.shape(t, run, batch)
@@ -771,11 +775,10 @@ class TiledDecoder:
                 if x_all is not None:
                     x_all[:, :, lo:hi] = x[:, :, lo - x_lo:hi - x_lo]
                 h1_all[:, :, lo:hi] = self.first_half(unit, x, run)[:, :, lo - x_lo:hi - x_lo]
-            g_lo, g_hi = max(lo - 1, 0), min(hi + 1, height)
-            g_a2 = conv_input_vjp(b.conv2, grad[:, :, g_lo:g_hi])[:, :, lo - g_lo:hi - g_lo]
+            g_a2 = conv_input_vjp(b.conv2, grad, lo, hi)
             g_h1[:, :, lo:hi], l_mean, l_rstd = self._elementwise_vjp(h1_all[:, :, lo:hi], b.norm2, (unit, "mid"),
                                                                     run, g_a2)
-            lam_mid = (_add(lam_mid[0] if lam_mid else None, l_mean), _add(lam_mid[1] if lam_mid else None, l_rstd))
+            lam_mid = _add_pair(lam_mid, l_mean, l_rstd)
         assert lam_mid is not None
         for lo, hi in self.bands(t, run):   # norm2's statistics' gradient, on conv1's output
             g_h1[:, :, lo:hi] += stats_gradient(h1_all[:, :, lo:hi], run.stats[(unit, "mid")], *lam_mid)
@@ -787,17 +790,16 @@ class TiledDecoder:
         lam_in: tuple[Tensor, Tensor] | None = None
         for lo, hi in self.bands(t, run):   # pass 2: conv1's VJP, norm1 frozen, and the shortcut
             self.interrupt()
-            g_lo, g_hi = max(lo - 1, 0), min(hi + 1, height)
-            g_a1 = conv_input_vjp(b.conv1, g_h1[:, :, g_lo:g_hi])[:, :, lo - g_lo:hi - g_lo]
+            g_a1 = conv_input_vjp(b.conv1, g_h1, lo, hi)
             x = x_all[:, :, lo:hi] if x_all is not None else self.rows(src, lo, hi, run)[0]
             g_band, l_mean, l_rstd = self._elementwise_vjp(x, b.norm1, (unit, "in"), run, g_a1)
-            if not identity:
-                g_band += conv_input_vjp(b.nin_shortcut, grad[:, :, lo:hi]) if b.in_channels != b.out_channels \
-                    else grad[:, :, lo:hi]
-                g_x[:, :, lo:hi] = g_band   # the bands tile the rows: each written once
-            else:
+            if identity:
                 g_x[:, :, lo:hi] += g_band
-            lam_in = (_add(lam_in[0] if lam_in else None, l_mean), _add(lam_in[1] if lam_in else None, l_rstd))
+            else:                           # the bands tile the rows: each written once
+                short = (grad[:, :, lo:hi] if b.in_channels == b.out_channels
+                         else conv_input_vjp(b.nin_shortcut, grad, lo, hi))
+                g_x[:, :, lo:hi] = g_band + short
+            lam_in = _add_pair(lam_in, l_mean, l_rstd)
         del g_h1
         assert lam_in is not None
         if x_all is None:                   # pass 3: norm1's statistics' gradient, on the block's input
@@ -810,9 +812,7 @@ class TiledDecoder:
         conv = unit.upsample.conv  # type: ignore[union-attr]
         for lo, hi in self.bands(t, run):   # bands start and end on even rows (whole latent rows)
             self.interrupt()
-            g_lo, g_hi = max(lo - 1, 0), min(hi + 1, height)
-            g_up = conv_input_vjp(conv, g_x[:, :, g_lo:g_hi])[:, :, lo - g_lo:hi - g_lo]
-            g_src[:, :, lo // 2:hi // 2] = nearest_up_vjp(g_up)
+            g_src[:, :, lo // 2:hi // 2] = nearest_up_vjp(conv_input_vjp(conv, g_x, lo, hi))
         return g_src
 
     def _backward_block(self, unit: Block, grad: Tensor, run: Run) -> Tensor:
@@ -838,7 +838,7 @@ class TiledDecoder:
             g, lam = self._conv2_vjp(unit, h1, h_lo, grad, lo, hi, run, need_input=not lean)
             if g_h1 is not None:
                 g_h1[:, :, h_lo:h_hi] += g
-            lam_mid = (_add(lam_mid[0] if lam_mid else None, lam[0]), _add(lam_mid[1] if lam_mid else None, lam[1]))
+            lam_mid = _add_pair(lam_mid, *lam)
         assert lam_mid is not None
         lam_in: tuple[Tensor, Tensor] | None = None
         carry: tuple[int, Tensor] | None = None
@@ -875,7 +875,7 @@ class TiledDecoder:
                 g_src[:, :, carry[0]:carry[0] + carry[1].shape[2]] += carry[1]
             g_src[:, :, first:first + min(split, grads[0].shape[2])] += grads[0][:, :, :split]
             carry = (first + split, grads[0][:, :, split:]) if split < grads[0].shape[2] else None
-            lam_in = (_add(lam_in[0] if lam_in else None, grads[1]), _add(lam_in[1] if lam_in else None, grads[2]))
+            lam_in = _add_pair(lam_in, grads[1], grads[2])
         if carry is not None:
             g_src[:, :, carry[0]:carry[0] + carry[1].shape[2]] += carry[1]
         del g_h1
