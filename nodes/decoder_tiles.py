@@ -55,9 +55,9 @@ every block boundary), a ResNet block's gradient maps and one band's graph. Two 
   runs once (they stay below the backward pass's peak).
 * *A keep budget*: unit outputs are kept lowest resolution first while they fit ``keep_budget``; the others
   are never materialised (the forward pass only gathers their GroupNorm statistics) and are recomputed band by
-  band from the nearest kept tensor when a backward pass reads them. ResNet blocks are then *lean*: the
-  gradient map of ``conv1``'s output is not held from the first pass to the second; the second pass redoes the
-  first pass's ``conv2`` VJP on its band (two more rows of halo) instead. A unit's own output is released
+  band from the nearest kept tensor when a backward pass reads them. ResNet blocks are then *lean*: none of
+  their inner tensors is held full-size; autograd differentiates them inside each band, and the second pass
+  redoes the first pass's ``conv2`` VJP on its band (two more rows of halo). A unit's own output is released
   before its backward pass (only later units read it). At its peak the backward pass then holds the kept
   tensors, 1.5 gradient maps of the output level and one band's graph (about 2.1-2.4 KB per output pixel for
   the SD3 VAE: 2048 px within 12 GB; ``decoder_memory.tiled_budget`` plans it).
@@ -427,9 +427,10 @@ class TiledDecoder:
             output as full-size temporaries (faster: nothing recomputed in the forward pass; the temporaries
             stay below the backward pass's peak when everything is kept). ``None``: when ``keep_budget`` is
             ``None``.
-        lean: whether a ResNet block's backward pass does without the full-size gradient map of its first
-            convolution's output (one map of the block's resolution less; its second convolution's VJP is
-            redone inside each band of the second pass instead). ``None``: when ``keep_budget`` is set.
+        lean: whether a ResNet block's backward pass holds none of its inner tensors full-size (autograd inside
+            each band, its second convolution's VJP redone in each band of the second pass: slower) instead of
+            :meth:`_backward_block_direct`'s maps. ``None``: when ``keep_budget`` is set. Blocks whose
+            convolutions are not :func:`plain_conv` are always lean.
     """
 
     def __init__(self, decoder: torch.nn.Module, *, band_pixels: int = 1 << 17, keep_budget: int | None = None,
@@ -816,6 +817,10 @@ class TiledDecoder:
         return g_src
 
     def _backward_block(self, unit: Block, grad: Tensor, run: Run) -> Tensor:
+        """The gradient with respect to the block's source: :meth:`_backward_block_direct`, or lean (autograd
+        inside each band, no full-size map of the block's inner tensors: the first pass gathers norm2's
+        statistics' gradient, the second redoes conv2's VJP on its band and differentiates conv1 and the
+        shortcut, a third adds norm1's statistics' gradient, through the upsampling in front of the block)."""
         if self._direct(unit):
             return self._backward_block_direct(unit, grad, run)
         r, b, t, src = unit.ratio, unit.block, unit.target, unit.source
@@ -825,24 +830,20 @@ class TiledDecoder:
         # updated in place by pass 2 (pass 1 reads grad before that; pass 2 reads grad only for a shortcut that is
         # not the identity)
         g_src = grad if identity else self._zeros(src, run, grad.shape[0], grad.device)
-        lean = self.lean
-        g_h1 = None if lean else self._zeros(t, run, grad.shape[0], grad.device)
         lam_mid: tuple[Tensor, Tensor] | None = None
-        for lo, hi in self.bands(t, run):   # pass 1: conv2(silu(norm2(h1))), norm2 frozen
+        for lo, hi in self.bands(t, run):   # pass 1: norm2's statistics' gradient through conv2(silu(norm2(h1)))
             self.interrupt()
             s, first = self.rows(src, (lo - 3) // r, (hi + 2) // r + 1, run)
             h_lo, h_hi = max(lo - 1, 0), min(hi + 1, height)
             with torch.no_grad():
                 x, x_lo = self.block_input(unit, s, first, h_lo - 1, h_hi + 1, run)
                 h1 = self.first_half(unit, x, run)[:, :, h_lo - x_lo:h_hi - x_lo]
-            g, lam = self._conv2_vjp(unit, h1, h_lo, grad, lo, hi, run, need_input=not lean)
-            if g_h1 is not None:
-                g_h1[:, :, h_lo:h_hi] += g
+            _, lam = self._conv2_vjp(unit, h1, h_lo, grad, lo, hi, run, need_input=False)
             lam_mid = _add_pair(lam_mid, *lam)
         assert lam_mid is not None
         lam_in: tuple[Tensor, Tensor] | None = None
         carry: tuple[int, Tensor] | None = None
-        halo = 3 if lean else 1            # lean: conv1's output two rows wider, to redo pass 1's conv2 on the band
+        halo = 3                            # conv1's output two rows wider, to redo pass 1's conv2 on the band
         for lo, hi in self.bands(t, run):   # pass 2: conv1(silu(norm1(x))) seeded with norm2's statistics too,
             self.interrupt()                # and the shortcut (when it is not the identity) on the same input
             s, first = self.rows(src, (lo - halo - 2) // r, (hi + halo + 1) // r + 1, run)
@@ -851,15 +852,11 @@ class TiledDecoder:
                 inn = self._stats_leaves((unit, "in"), run)
                 x, x_lo = self.block_input(unit, s_leaf, first, lo - halo, hi + halo, run)
                 h1_all = self.first_half(unit, x, run, inn)
-                if lean:                    # g_h1 of the band, complete: conv2's VJP on rows lo - 1 .. hi + 1
-                    e_lo, e_hi = max(lo - 2, 0), min(hi + 2, height)
-                    c_lo, c_hi = max(lo - 1, 0), min(hi + 1, height)
-                    g_ext, _ = self._conv2_vjp(unit, h1_all[:, :, e_lo - x_lo:e_hi - x_lo].detach(), e_lo, grad,
-                                               c_lo, c_hi, run, need_input=True, need_stats=False)
-                    g_band = g_ext[:, :, lo - e_lo:hi - e_lo]
-                else:
-                    assert g_h1 is not None
-                    g_band = g_h1[:, :, lo:hi]
+                e_lo, e_hi = max(lo - 2, 0), min(hi + 2, height)   # g_h1 of the band, complete: conv2's VJP
+                c_lo, c_hi = max(lo - 1, 0), min(hi + 1, height)   # on rows lo - 1 .. hi + 1
+                g_ext, _ = self._conv2_vjp(unit, h1_all[:, :, e_lo - x_lo:e_hi - x_lo].detach(), e_lo, grad,
+                                           c_lo, c_hi, run, need_input=True, need_stats=False)
+                g_band = g_ext[:, :, lo - e_lo:hi - e_lo]
                 h1 = h1_all[:, :, lo - x_lo:hi - x_lo]
                 seed = g_band + stats_gradient(h1.detach(), run.stats[(unit, "mid")], *lam_mid)
                 outs, seeds = [h1], [seed.to(h1.dtype)]
@@ -868,9 +865,9 @@ class TiledDecoder:
                     outs.append(core)
                     seeds.append(grad[:, :, lo:hi].to(core.dtype))
                 grads = torch.autograd.grad(outs, (s_leaf, *inn), seeds)
-            # an identity block's g_src is grad itself, which a lean pass reads two rows around the next band:
+            # an identity block's g_src is grad itself, which this pass reads two rows around the next band:
             # the rows from hi - 2 on are added only after that band has read them
-            split = hi - 2 - first if lean and identity else grads[0].shape[2]
+            split = hi - 2 - first if identity else grads[0].shape[2]
             if carry is not None:
                 g_src[:, :, carry[0]:carry[0] + carry[1].shape[2]] += carry[1]
             g_src[:, :, first:first + min(split, grads[0].shape[2])] += grads[0][:, :, :split]
@@ -878,7 +875,6 @@ class TiledDecoder:
             lam_in = _add_pair(lam_in, grads[1], grads[2])
         if carry is not None:
             g_src[:, :, carry[0]:carry[0] + carry[1].shape[2]] += carry[1]
-        del g_h1
         assert lam_in is not None
         if unit.upsample is None:           # pass 3: norm1's statistics' gradient, on the block's input
             self._add_stats_gradient(g_src, src, lam_in, run)
