@@ -51,7 +51,7 @@ def largest(decoder, mode: str, free_bytes: int, weight_bytes: int) -> int:
     return best
 
 
-def measured_against_estimates(decoder, weight_bytes: int) -> list[dict]:
+def measured_against_estimates(decoder) -> list[dict]:
     """Measured peaks (``results/decoder_memory.json``) beside the current estimate of the same run."""
     from flowdps.nodes.decoder_memory import activation_bytes, tiled_budget
 
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
     weight_bytes = sum(p.numel() * 4 for p in decoder.parameters())
     reach = {mode: {f"{b:g}": largest(decoder, mode, int(b * 2**30), weight_bytes) for b in args.free_gib}
              for mode in (*LAYOUTS, *HALF_MODES)}
-    checks = measured_against_estimates(decoder, weight_bytes)
+    checks = measured_against_estimates(decoder)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(
         {"free_gib": args.free_gib, "step_px": STEP, "weight_mib": weight_bytes / 2**20, "reach": reach,

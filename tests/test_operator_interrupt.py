@@ -29,13 +29,25 @@ def svds(monkeypatch):
     return started
 
 
+def paper_blur_graph(comfy, seed: int, height: int, width: int, prefix: str) -> dict:
+    """LoadImage (a random ``height x width`` photo) -> paper-compatible Gaussian blur -> simulated measurement
+    -> SaveImage; a fresh photo size keeps the blur's matrices out of every cache."""
+    g = torch.Generator().manual_seed(seed)
+    photo = (torch.rand(height, width, 3, generator=g).numpy() * 255).astype(np.uint8)
+    Image.fromarray(photo).save(comfy.input_dir / PHOTO)
+    graph = GraphBuilder()
+    image = graph.add("LoadImage", "load", image=PHOTO).out()
+    op = graph.add("FlowDPSOperatorPaperGaussianBlur", "op", kernel_size=61, sigma=3.0).out()
+    sim = graph.add("FlowDPSSimulateMeasurement", "sim", image=image, operator=op, sigma_y=0.0, seed=0)
+    graph.add("SaveImage", "save", images=sim.out(0), filename_prefix=prefix)
+    return graph.build()
+
+
 def test_an_interrupt_during_the_paper_blur_stops_it_before_its_svd(comfy, svds, monkeypatch):
     import comfy.model_management as mm
 
     paper = comfy.pack_module("operators.paper")
     comfy.pack_module("operators.cache").clear_tensor_caches()
-    g = torch.Generator().manual_seed(0)
-    Image.fromarray((torch.rand(43, 39, 3, generator=g).numpy() * 255).astype(np.uint8)).save(comfy.input_dir / PHOTO)
     real_matrix = paper.paper_gaussian_matrix
 
     def interrupted_while_building(*args, **kwargs):  # /interrupt arrives while the matrix is built
@@ -43,13 +55,9 @@ def test_an_interrupt_during_the_paper_blur_stops_it_before_its_svd(comfy, svds,
         return real_matrix(*args, **kwargs)
 
     monkeypatch.setattr(paper, "paper_gaussian_matrix", interrupted_while_building)
-    graph = GraphBuilder()
-    image = graph.add("LoadImage", "load", image=PHOTO).out()
-    op = graph.add("FlowDPSOperatorPaperGaussianBlur", "op", kernel_size=61, sigma=3.0).out()
-    sim = graph.add("FlowDPSSimulateMeasurement", "sim", image=image, operator=op, sigma_y=0.0, seed=0)
-    graph.add("SaveImage", "save", images=sim.out(0), filename_prefix="interrupted_paper_blur")
+    graph = paper_blur_graph(comfy, 0, 43, 39, "interrupted_paper_blur")
     try:
-        result = comfy.run(graph.build(), fresh=True)
+        result = comfy.run(graph, fresh=True)
     finally:
         mm.interrupt_current_processing(False)
     assert not result.success
@@ -80,8 +88,6 @@ def test_an_interrupt_during_the_paper_blurs_svd_ends_the_run_within_a_second(co
     import comfy.model_management as mm
 
     comfy.pack_module("operators.cache").clear_tensor_caches()
-    g = torch.Generator().manual_seed(1)
-    Image.fromarray((torch.rand(47, 41, 3, generator=g).numpy() * 255).astype(np.uint8)).save(comfy.input_dir / PHOTO)
     release, started, interrupted_at = threading.Event(), [], []
     real_svd = torch.linalg.svd
 
@@ -98,13 +104,9 @@ def test_an_interrupt_during_the_paper_blurs_svd_ends_the_run_within_a_second(co
         return real_svd(matrix, *args, **kwargs)
 
     monkeypatch.setattr(torch.linalg, "svd", slow_svd)
-    graph = GraphBuilder()
-    image = graph.add("LoadImage", "load", image=PHOTO).out()
-    op = graph.add("FlowDPSOperatorPaperGaussianBlur", "op", kernel_size=61, sigma=3.0).out()
-    sim = graph.add("FlowDPSSimulateMeasurement", "sim", image=image, operator=op, sigma_y=0.0, seed=0)
-    graph.add("SaveImage", "save", images=sim.out(0), filename_prefix="interrupted_paper_svd")
+    graph = paper_blur_graph(comfy, 1, 47, 41, "interrupted_paper_svd")
     try:
-        result = comfy.run(graph.build(), fresh=True)
+        result = comfy.run(graph, fresh=True)
         ended = time.monotonic()
     finally:
         mm.interrupt_current_processing(False)
@@ -115,4 +117,4 @@ def test_an_interrupt_during_the_paper_blurs_svd_ends_the_run_within_a_second(co
     assert started[0].startswith("flowdps-build-")
     assert ended - interrupted_at[0] < 1.0, f"the run ended {ended - interrupted_at[0]:.2f} s after /interrupt"
     monkeypatch.setattr(torch.linalg, "svd", real_svd)
-    assert comfy.run(graph.build(), fresh=True).success
+    assert comfy.run(graph, fresh=True).success
